@@ -1,0 +1,49 @@
+"""Build megatron-jam and its C++ extension (`megatron_jam._C`, sources in csrc/).
+
+torch is deliberately not in `install_requires` beyond a loose floor: GPU
+clusters bring their own CUDA build, and `scripts/install.sh` pins the CPU
+build (2.13.0) only where no GPU is present.
+"""
+
+import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext_modules = [
+    Pybind11Extension(
+        "megatron_jam._C",
+        sorted(glob.glob("csrc/*.cpp")),
+        include_dirs=["csrc"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    )
+]
+
+setup(
+    name="megatron-jam",
+    version="0.1.0",
+    description="JAM: jointly trained autoregressive multimodal models on Megatron-Core",
+    packages=find_packages(include=["megatron_jam", "megatron_jam.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece",
+        "pybind11",
+        "psutil",
+        "safetensors",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "transformers>=4.45"],
+        "hf": ["transformers>=4.45"],
+        # CUDA only; NGC PyTorch images already carry both.
+        "te": ["transformer-engine[pytorch]"],
+    },
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    zip_safe=False,
+)

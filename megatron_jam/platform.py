@@ -1,5 +1,182 @@
-"""Placeholder replaced by the CPU compatibility layer (work in progress in this session)."""
+"""Megatron-Core on CPU: the small layer that lets its CUDA-only paths run on gloo.
+
+Why: Megatron-Core 0.16.1's pipeline schedules, p2p layer, tensor-parallel
+mappings, gradient clipping and RNG tracker allocate with `device="cuda"` or
+`torch.cuda.current_device()`, call `torch.cuda.synchronize()`, and keep the
+"model-parallel" RNG state with `torch.cuda.get_rng_state()`. Without a GPU
+they raise. Tests and laptop runs should still take exactly the code path of
+a GPU cluster (`get_forward_backward_func`, `ColumnParallelLinear`,
+`dist_checkpointing`, ...), so instead of forking those functions we:
+
+1. wrap torch's tensor factories (`torch.empty`, `torch.zeros`, ...,
+   `Tensor.new_*`, `Tensor.to`) so that a CUDA device argument (`"cuda"`,
+   `"cuda:N"`, an int index, `torch.device("cuda")`) becomes the CPU, and
+   make `Tensor.cuda()` return the tensor itself. (A `TorchFunctionMode` is
+   not enough: torch pops the mode while its handler runs, so everything
+   inside `torch.autograd.backward`, such as the sequence-parallel backward
+   of Megatron's linears, would run without it.)
+2. make `torch.cuda.current_device()` return 0 and `torch.cuda.synchronize()`
+   a no-op (both raise on CPU-only builds);
+3. replace the RNG tracker with one whose "device" generator is the CPU
+   default generator, which is what dropout and init on CPU tensors use.
+
+`install()` does all of it once and is a no-op when CUDA is available, so a
+GPU cluster runs unmodified Megatron-Core. Every wrapper only rewrites CUDA
+devices, which cannot work on a CPU-only machine anyway. The layer was checked
+against `MEGATRON_CORE_VERSION`; `tests/test_platform.py` fails loudly when an
+upgrade breaks any of the patched entry points.
+"""
+
+import contextlib
+import functools
+import importlib.metadata
+from typing import Any
+
+import torch
+
+MEGATRON_CORE_VERSION = "0.16.1"
+
+_INSTALLED = False
+
+# Functions that take a `device=`; Megatron-Core calls several with a CUDA device.
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "rand", "randn",
+              "randint", "randperm", "eye", "linspace", "empty_like", "zeros_like", "ones_like",
+              "full_like", "rand_like", "randn_like", "empty_strided")
+_TENSOR_NEW = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")
 
 
-def install() -> None:
-    return None
+def cpu_mode_active() -> bool:
+    """True when the CPU layer is installed (no CUDA on this machine)."""
+    return _INSTALLED
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's device conventions (bools are not devices).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _cpu_device_kwarg(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    wrapper.__jam_cpu_patch__ = True
+    return wrapper
+
+
+def _cpu_tensor_to(to):
+    @functools.wraps(to)
+    def wrapper(self, *args, **kwargs):
+        if args and _is_cuda_device(args[0]):  # Tensor.to(device, ...)
+            args = ("cpu",) + args[1:]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        return to(self, *args, **kwargs)
+
+    wrapper.__jam_cpu_patch__ = True
+    return wrapper
+
+
+def _patch_devices() -> None:
+    for name in _FACTORIES:
+        setattr(torch, name, _cpu_device_kwarg(getattr(torch, name)))
+    for name in _TENSOR_NEW:
+        setattr(torch.Tensor, name, _cpu_device_kwarg(getattr(torch.Tensor, name)))
+    torch.Tensor.to = _cpu_tensor_to(torch.Tensor.to)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+
+
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False):
+    torch.set_rng_state(new_state)
+
+
+def _make_cpu_tracker_class():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Megatron's RNG tracker with the CPU default generator as the device generator.
+
+        `add` and `fork` keep Megatron's semantics (named states, restored on exit);
+        only the generator differs, and the CPU-state-changed warning of the CUDA
+        version is meaningless here because both generators are the same one.
+        """
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            orig_name = self._current_state_name
+            if orig_name != "default-rng":
+                self.states_[orig_name] = orig
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if orig_name != "default-rng":
+                    orig = self.states_[orig_name]
+                torch.set_rng_state(orig)
+                self._current_state_name = orig_name
+
+    return CpuRNGStatesTracker
+
+
+def check_megatron_core_version() -> str:
+    """The installed Megatron-Core version; raises if it is not the one this layer was checked on."""
+    found = importlib.metadata.version("megatron-core")
+    if found != MEGATRON_CORE_VERSION:
+        raise RuntimeError(
+            f"megatron-jam's CPU layer (megatron_jam/platform.py) was checked against "
+            f"megatron-core=={MEGATRON_CORE_VERSION}, found {found}. Re-run tests/test_platform.py "
+            f"and the equivalence tests before relying on CPU runs."
+        )
+    return found
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _cpu_get_rng_state
+    mrandom._set_cuda_rng_state = _cpu_set_rng_state
+    mrandom.CudaRNGStatesTracker = _make_cpu_tracker_class()
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def install() -> bool:
+    """Install the CPU layer if CUDA is absent. Returns True if installed (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED or torch.cuda.is_available():
+        return _INSTALLED
+    _patch_devices()
+    _INSTALLED = True
+    try:
+        _patch_rng()
+    except ImportError:  # megatron-core missing: the package still imports for tools.
+        pass
+    return True

@@ -1,0 +1,1 @@
+"""JAM models: parent decoders and the fusion methods (one file per method)."""

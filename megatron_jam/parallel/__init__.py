@@ -1,0 +1,1 @@
+"""Parallel set-up around Megatron-Core: building model chunks, running its schedules, full state dicts."""

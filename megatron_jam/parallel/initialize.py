@@ -1,0 +1,60 @@
+"""Process groups and seeds, Megatron style, after validating the layout.
+
+`initialize_distributed` reads torchrun / Slurm environment variables and
+picks NCCL on GPUs and gloo on CPU; `initialize_model_parallel` builds
+Megatron-Core's groups and seeds the RNG tracker (model-parallel seed offset
+per TP rank), exactly as Megatron-LM does.
+"""
+
+import os
+
+import torch
+
+from megatron_jam.utils.logging import get_logger, log_rank0
+
+logger = get_logger(__name__)
+
+
+def _slurm_env() -> None:
+    """Map srun's variables to torchrun's when launched without torchrun."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("srun launch: set MASTER_ADDR (the first node of $SLURM_JOB_NODELIST)")
+
+
+def initialize_distributed() -> None:
+    """Initialise torch.distributed from torchrun/Slurm variables (single process if none)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    _slurm_env()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    log_rank0(logger, "torch.distributed: backend=%s world_size=%d", backend, dist.get_world_size())
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234) -> None:
+    """Megatron-Core parallel groups (destroying earlier ones) and seeded RNG tracker."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,51 @@
+"""One training/eval step through Megatron-Core's own pipeline schedules.
+
+`forward_backward` picks the schedule with `get_forward_backward_func()`
+(no pipelining, 1F1B, or interleaved 1F1B with virtual stages) and tells it
+the p2p tensor shape. A two-stream model (JAM-Cross) sends both streams packed
+on the batch dimension, so the shape the schedule allocates is
+`[s(/tp if SP), p2p_batch_multiplier * b, h]`.
+"""
+
+from functools import partial
+from typing import Iterator
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_jam.parallel.model import unwrap
+
+
+def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean of the per-token loss over tokens with loss_mask=1; Megatron's (loss, report) convention."""
+    mask = loss_mask.float().reshape(-1)
+    loss = (per_token_loss.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def lm_forward_step(data_iterator: Iterator, model):
+    """Megatron forward_step_func: batch dict -> (per-token loss, loss function)."""
+    batch = next(data_iterator)
+    out = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    return out, partial(masked_mean_loss, batch["loss_mask"])
+
+
+def forward_backward(model_chunks: list, data_iterators, num_microbatches: int, seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False, forward_step_func=lm_forward_step):
+    """Run one step over `num_microbatches`; returns the per-microbatch loss reports (last stage)."""
+    if not isinstance(data_iterators, list):
+        data_iterators = [data_iterators] * len(model_chunks)
+    multiplier = getattr(unwrap(model_chunks[0]), "p2p_batch_multiplier", 1)
+    for chunk in model_chunks:
+        if hasattr(chunk, "zero_grad_buffer") and not forward_only:
+            chunk.zero_grad_buffer()
+    fb = get_forward_backward_func()
+    return fb(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterators if len(model_chunks) > 1 else data_iterators[0],
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size * multiplier,  # p2p shape: [s, multiplier*b, h]
+        forward_only=forward_only,
+    )

@@ -1,0 +1,1 @@
+"""Test and benchmark support: the gloo worker pool and parallel-equivalence bodies."""

@@ -11,6 +11,7 @@ vp_stage=..., **parallel).
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
@@ -18,10 +19,19 @@ from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_
 
 def parallel_kwargs(tp: int = 1, pp: int = 1, vpp: int | None = None, sequence_parallel: bool = False,
                     bf16: bool = False, **extra) -> dict:
-    """The `ModelParallelConfig` fields of a run (Megatron-LM's flag names, as keyword arguments)."""
+    """The `ModelParallelConfig` fields of a run (Megatron-LM's flag names, as keyword arguments).
+
+    On gloo, pipeline p2p goes through Megatron's ordered isend/irecv path instead of
+    `batch_isend_irecv`: with PP=2 and virtual stages a rank sends an activation and a
+    gradient to the same peer in one batch, and gloo matches same-peer messages by
+    order, which the batched path does not keep (activations and gradients of equal
+    shape get swapped; the interleaved equivalence test catches it).
+    """
     kw = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
               virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sequence_parallel,
               bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32)
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        kw["batch_p2p_comm"] = False
     return kw | extra
 
 

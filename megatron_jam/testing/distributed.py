@@ -73,8 +73,14 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results) -> None:
 class WorkerPool:
     """`world_size` gloo ranks kept alive between calls of `run`."""
 
-    def __init__(self, world_size: int, start_timeout_s: float = 180.0):
+    def __init__(self, world_size: int, start_timeout_s: float = 180.0, error_grace_s: float = 10.0):
         self.world_size = world_size
+        self.start_timeout_s = start_timeout_s
+        self.error_grace_s = error_grace_s
+        self._start()
+
+    def _start(self) -> None:
+        world_size = self.world_size
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
@@ -86,12 +92,15 @@ class WorkerPool:
         ]
         for p in self._procs:
             p.start()
-        self._collect(start_timeout_s, what="start-up")
+        self._collect(self.start_timeout_s, what="start-up")
 
     def run(self, fn: Callable, *args, timeout_s: float = 300.0, **kwargs) -> list[Any]:
-        """Run `fn(*args, **kwargs)` on every rank; return the per-rank results in rank order."""
+        """Run `fn(*args, **kwargs)` on every rank; return the per-rank results in rank order.
+
+        A pool torn down by an earlier failure is restarted first.
+        """
         if self._procs is None:
-            raise RuntimeError("WorkerPool is closed (an earlier call failed or timed out)")
+            self._start()
         for q in self._tasks:
             q.put((fn, args, kwargs))
         return self._collect(timeout_s, what=getattr(fn, "__qualname__", str(fn)))
@@ -106,6 +115,8 @@ class WorkerPool:
             try:
                 rank, status, payload = self._results.get(timeout=_POLL_S)
                 got[rank] = (status, payload)
+                if status == "error":  # the others may be stuck in a collective with it
+                    deadline = min(deadline, time.monotonic() + self.error_grace_s)
             except queue.Empty:
                 dead = [p.name for p in self._procs if not p.is_alive()]
                 if dead or time.monotonic() > deadline:
@@ -120,7 +131,7 @@ class WorkerPool:
         missing = [r for r in range(self.world_size) if r not in got]
         errors = "\n".join(f"----- rank {r} -----\n{p}" for r, (s, p) in sorted(got.items()) if s == "error")
         self.close(force=True)
-        reason = f"processes died: {dead}" if dead else "timed out"
+        reason = f"processes died: {dead}" if dead else "timed out (or stuck after another rank failed)"
         raise DistributedTestError(f"{what}: {reason}; ranks {missing} did not answer.\n{errors}")
 
     def close(self, force: bool = False) -> None:

@@ -43,20 +43,24 @@ def _mean_loss(reports: list) -> float | None:
 
 def run_layout(cfg: JamCrossConfig, batches: list[dict], tp: int = 1, pp: int = 1, vpp: int | None = None,
                sequence_parallel: bool = False, weights: dict | None = None, seed: int = 1234):
-    """One forward-backward step at a layout; returns (loss, full weights, full grads) on every rank."""
+    """One forward-backward step at a layout.
+
+    Returns (loss, full weights, full grads, parameters held by this rank) on every rank.
+    """
     initialize_model_parallel(tp, pp, vpp, seed=seed)
     chunks = build_model_chunks(JamCrossModel, cfg, parallel_kwargs(tp, pp, vpp, sequence_parallel))
+    local_numel = sum(p.numel() for c in chunks for p in c.parameters())
     if weights is not None:
         load_full_state_dict(chunks, weights)
     full_weights = gather_full_state_dict(chunks)
     mbs, seq = batches[0]["tokens"].shape
-    reports = forward_backward(chunks, iter(batches), len(batches), seq, mbs)
+    reports = forward_backward(chunks, [iter(batches) for _ in chunks], len(batches), seq, mbs)
     with params_as_grads(chunks):
         grads = gather_full_state_dict(chunks)
     losses = [None] * dist.get_world_size()
     dist.all_gather_object(losses, _mean_loss(reports))
     loss = next(x for x in losses if x is not None)
-    return loss, full_weights, grads
+    return loss, full_weights, grads, local_numel
 
 
 def relative_errors(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -72,16 +76,17 @@ def equivalence_body(cfg_dict: dict, layouts: list[dict], num_microbatches: int 
     """Reference TP=1/PP=1 step, then each layout from the same weights; returns per-layout errors."""
     cfg = JamCrossConfig.from_dict(cfg_dict)
     batches = make_batches(cfg.vocab_size, num_microbatches, micro_batch_size, cfg.seq_length, seed)
-    ref_loss, ref_w, ref_g = run_layout(cfg, batches)
-    out = {"reference_loss": ref_loss, "num_params": len(ref_g), "layouts": {}}
+    ref_loss, ref_w, ref_g, ref_numel = run_layout(cfg, batches)
+    out = {"reference_loss": ref_loss, "keys": sorted(ref_g), "reference_local_numel": ref_numel,
+           "layouts": {}}
     for layout in layouts:
-        loss, w, g = run_layout(cfg, batches, weights=ref_w, **layout)
+        loss, w, g, numel = run_layout(cfg, batches, weights=ref_w, **layout)
         errs = relative_errors(ref_g, g)
         worst = max(errs, key=errs.get)
         zero = sorted(k for k, t in ref_g.items() if float(t.abs().max()) == 0.0)
         out["layouts"][str(layout)] = {
             "loss": loss, "loss_rel_err": abs(loss - ref_loss) / abs(ref_loss),
             "weights_max_rel_err": max(relative_errors(ref_w, w).values()),
-            "grad_worst_key": worst, "grad_worst_rel_err": errs[worst], "zero_grad_keys": zero,
+            "local_numel": numel, "grad_worst_key": worst, "grad_worst_rel_err": errs[worst], "zero_grad_keys": zero,
         }
     return out

@@ -193,7 +193,7 @@ class IndexedDatasetBuilder:
 
 
 def merge_datasets(prefixes: Sequence[str], output_prefix: str, multimodal: Optional[bool] = None,
-                   chunk_elements: int = 1 << 20, durable: bool = False) -> Dict[str, Any]:
+                   chunk_elements: int = 1 << 18, durable: bool = False) -> Dict[str, Any]:
     """Concatenate datasets into `output_prefix` in constant memory.
 
     Equivalent to Megatron-Core's `add_index` loop + `finalize`, but streams the

@@ -16,6 +16,7 @@ Usage::
     pool.close()
 """
 
+import atexit
 import multiprocessing as mp
 import os
 import socket
@@ -87,11 +88,13 @@ class WorkerPool:
         port = _free_port()
         self._procs = [
             ctx.Process(target=_worker_main, args=(r, world_size, port, self._tasks[r], self._results),
-                        daemon=True, name=f"jam-rank{r}")
+                        # not daemonic: dist_checkpointing's writer starts processes of its own
+                        daemon=False, name=f"jam-rank{r}")
             for r in range(world_size)
         ]
         for p in self._procs:
             p.start()
+        atexit.register(self.close, force=True)
         self._collect(self.start_timeout_s, what="start-up")
 
     def run(self, fn: Callable, *args, timeout_s: float = 300.0, **kwargs) -> list[Any]:

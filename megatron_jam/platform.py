@@ -18,7 +18,9 @@ a GPU cluster (`get_forward_backward_func`, `ColumnParallelLinear`,
 2. make `torch.cuda.current_device()` return 0 and `torch.cuda.synchronize()`
    a no-op (both raise on CPU-only builds);
 3. replace the RNG tracker with one whose "device" generator is the CPU
-   default generator, which is what dropout and init on CPU tensors use.
+   default generator, which is what dropout and init on CPU tensors use;
+4. replace the optimizer's gradient clipping, whose only CUDA dependence is
+   an assertion that gradients are `torch.cuda.FloatTensor`.
 
 `install()` does all of it once and is a no-op when CUDA is available, so a
 GPU cluster runs unmodified Megatron-Core. Every wrapper only rewrites CUDA
@@ -147,6 +149,25 @@ def _make_cpu_tracker_class():
     return CpuRNGStatesTracker
 
 
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's `clip_grad_by_total_norm_fp32` minus its `torch.cuda.FloatTensor` assertion:
+    the same coefficient, max_norm / (total_norm + 1e-6), applied in place when below 1."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_optimizer() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+
+
 def check_megatron_core_version() -> str:
     """The installed Megatron-Core version; raises if it is not the one this layer was checked on."""
     found = importlib.metadata.version("megatron-core")
@@ -177,6 +198,7 @@ def install() -> bool:
     _INSTALLED = True
     try:
         _patch_rng()
+        _patch_optimizer()
     except ImportError:  # megatron-core missing: the package still imports for tools.
         pass
     return True

@@ -1,0 +1,1 @@
+"""Training: arguments, data for the embedded tiny default, and the loop."""

@@ -1,0 +1,86 @@
+"""Command-line arguments of `python -m megatron_jam.pretrain`, with Megatron-LM's flag names.
+
+Validation that needs no process group (parallel layout against the model,
+batch sizes against the world size) happens in `validate_args`, before
+`torch.distributed` starts, so a bad layout fails in one clear line instead
+of a hang or a shape error on some rank.
+"""
+
+import argparse
+import os
+
+from megatron_jam.models.config import ConfigError, JamCrossConfig, validate_parallel
+
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "jam_cross_tiny.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron_jam.pretrain", description="JAM-Cross continued pretraining")
+    g = p.add_argument_group("model")
+    g.add_argument("--model-config", default=None,
+                   help="model-config JSON (default: the embedded tiny JAM-Cross, examples/configs/jam_cross_tiny.json)")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
+    g.add_argument("--seq-length", type=int, default=None, help="default: the model config's seq_length")
+    g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=3e-5)
+    g.add_argument("--lr-warmup-iters", type=int, default=2)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g = p.add_argument_group("data and logging")
+    g.add_argument("--mock-data", action="store_true", default=True,
+                   help="synthetic interleaved documents (the only data source in this version)")
+    g.add_argument("--log-interval", type=int, default=1)
+    return p
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def validate_args(args: argparse.Namespace) -> JamCrossConfig:
+    """Load the model config and check the run's layout; raise ConfigError naming the values."""
+    path = args.model_config or os.path.normpath(TINY_CONFIG)
+    if not os.path.exists(path):
+        raise ConfigError(f"--model-config {path}: no such file")
+    cfg = JamCrossConfig.from_json(path)
+    args.model_config = path
+    args.seq_length = args.seq_length or cfg.seq_length
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    vpp = None
+    if args.num_layers_per_virtual_pipeline_stage:
+        per_stage = cfg.num_layers // pp
+        if per_stage % args.num_layers_per_virtual_pipeline_stage:
+            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage={args.num_layers_per_virtual_pipeline_stage}"
+                              f" does not divide the {per_stage} layers of each pipeline stage")
+        vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
+    args.virtual_pipeline_model_parallel_size = vpp
+    validate_parallel(cfg, tp, pp, vpp, args.sequence_parallel, args.seq_length)
+    world = _world_size()
+    if world % (tp * pp):
+        raise ConfigError(f"world size {world} is not divisible by tensor x pipeline = {tp} x {pp}")
+    dp = world // (tp * pp)
+    args.data_parallel_size = dp
+    args.global_batch_size = args.global_batch_size or args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size={args.global_batch_size} is not divisible by "
+                          f"--micro-batch-size={args.micro_batch_size} x data-parallel size={dp}")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    return cfg

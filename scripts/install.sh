@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install megatron-jam into a virtual environment (default: ./.venv; set JAM_VENV, or
+# JAM_VENV=none to use the active Python). Idempotent: a second run only re-checks.
+#
+# torch: an existing torch is left alone (GPU clusters bring their own CUDA build).
+# Without one, and without a GPU, the CPU build 2.13.0 is pinned: a plain
+# `pip install torch` would pull gigabytes of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=${JAM_VENV:-.venv}
+if [ "$VENV" != "none" ]; then
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "[install] creating virtual environment $VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  PY="$VENV/bin/python"
+fi
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[install] GPU found and no torch: installing torch (CUDA build)"
+    "${PIP[@]}" install torch
+  else
+    echo "[install] no GPU and no torch: installing the CPU build torch==2.13.0"
+    "${PIP[@]}" install "torch==2.13.0+cpu" 2>/dev/null \
+      || "${PIP[@]}" install "torch==2.13.0" --index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+  fi
+else
+  echo "[install] keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+fi
+
+echo "[install] installing megatron-jam (builds the C++ extension in csrc/)"
+"${PIP[@]}" install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -c "import megatron_jam, megatron_jam._C, megatron.core; print('[install] ok: megatron-core', megatron.core.__version__)"

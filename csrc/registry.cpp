@@ -2,5 +2,7 @@
 #include "jam_cpp.h"
 
 namespace megatron_jam {
-void register_all(pybind11::module_& m) { (void)m; }
+void register_all(pybind11::module_& m) {
+  register_indexed_builder(m);
+}
 }  // namespace megatron_jam

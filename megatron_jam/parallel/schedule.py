@@ -26,7 +26,7 @@ def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 def lm_forward_step(data_iterator: Iterator, model):
     """Megatron forward_step_func: batch dict -> (per-token loss, loss function)."""
     batch = next(data_iterator)
-    out = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    out = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
     return out, partial(masked_mean_loss, batch["loss_mask"])
 
 

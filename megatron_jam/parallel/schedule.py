@@ -16,18 +16,30 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_jam.parallel.model import unwrap
 
 
-def masked_mean_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Mean of the per-token loss over tokens with loss_mask=1; Megatron's (loss, report) convention."""
+def masked_mean_loss(loss_mask: torch.Tensor, modality: torch.Tensor | None, per_token_loss: torch.Tensor):
+    """Mean of the per-token loss over tokens with loss_mask > 0 (weights allowed).
+
+    Megatron's (loss, report) convention; the report also carries the summed loss
+    and token count of text (modality 0) and image (modality 1) targets.
+    """
     mask = loss_mask.float().reshape(-1)
-    loss = (per_token_loss.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach().clone()}
+    tok = per_token_loss.float().reshape(-1)
+    loss = (tok * mask).sum() / mask.sum().clamp(min=1)
+    report = {"lm loss": loss.detach().clone()}
+    if modality is not None:
+        is_image = modality.reshape(-1) == 1
+        counted = mask > 0
+        for name, sel in (("text", counted & ~is_image), ("image", counted & is_image)):
+            report[f"{name} loss sum"] = tok.detach()[sel].sum()
+            report[f"{name} tokens"] = sel.sum().float()
+    return loss, report
 
 
 def lm_forward_step(data_iterator: Iterator, model):
     """Megatron forward_step_func: batch dict -> (per-token loss, loss function)."""
     batch = next(data_iterator)
     out = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
-    return out, partial(masked_mean_loss, batch["loss_mask"])
+    return out, partial(masked_mean_loss, batch["loss_mask"], batch.get("modality"))
 
 
 def forward_backward(model_chunks: list, data_iterators, num_microbatches: int, seq_length: int,

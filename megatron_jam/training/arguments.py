@@ -42,10 +42,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute, fp32 main weights")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
+                   help="FP8 through Transformer Engine (needs TE and a GPU)")
+    g.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="stop (with a checkpoint) after this many non-finite steps in a row")
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory (also holds metrics.jsonl)")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--load", default=None, help="resume from the latest complete checkpoint in this directory")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, save a checkpoint and exit cleanly (on by default with --save)")
     g = p.add_argument_group("data and logging")
     g.add_argument("--mock-data", action="store_true", default=True,
                    help="synthetic interleaved documents (the only data source in this version)")
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=2)
+    g.add_argument("--metrics-file", default=None, help="JSON lines per logged step (default: <save>/metrics.jsonl)")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None)
     return p
 
 
@@ -55,7 +72,10 @@ def _world_size() -> int:
 
 def validate_args(args: argparse.Namespace) -> JamCrossConfig:
     """Load the model config and check the run's layout; raise ConfigError naming the values."""
-    path = args.model_config or os.path.normpath(TINY_CONFIG)
+    path = args.model_config
+    if path is None and args.load and os.path.exists(os.path.join(args.load, "model_config.json")):
+        path = os.path.join(args.load, "model_config.json")  # the architecture travels with the checkpoint
+    path = path or os.path.normpath(TINY_CONFIG)
     if not os.path.exists(path):
         raise ConfigError(f"--model-config {path}: no such file")
     cfg = JamCrossConfig.from_json(path)
@@ -83,4 +103,13 @@ def validate_args(args: argparse.Namespace) -> JamCrossConfig:
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.save:
+        args.exit_signal_handler = True
+    if args.fp8_format:
+        from megatron_jam.models.specs import HAVE_TE
+
+        if not HAVE_TE or args.transformer_impl != "transformer_engine":
+            raise ConfigError("--fp8-format needs Transformer Engine (--transformer-impl transformer_engine) and a GPU")
+    if args.load and not os.path.isdir(args.load):
+        raise ConfigError(f"--load {args.load}: no such directory")
     return cfg

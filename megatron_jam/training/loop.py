@@ -1,36 +1,53 @@
 """The pretraining loop: Megatron-Core's optimizer, LR scheduler and schedules around a JAM model.
 
-First version (foundation issue): mock data, no checkpointing or evaluation;
-those grow with the training issue. What is here already is the real path of
-a cluster run: DDP-wrapped chunks, `get_forward_backward_func` schedules,
-`finalize_model_grads`, `get_megatron_optimizer` with gradient clipping and
-`OptimizerParamScheduler`.
+What a cluster run does, in the order it does it: DDP-wrapped chunks
+(`build_model_chunks`), `get_megatron_optimizer` + `OptimizerParamScheduler`,
+optional `--load` (model, optimizer, scheduler, RNG, data position), then per
+iteration one `get_forward_backward_func` step, a non-finite check (the update
+is skipped and counted; `--max-skipped-steps` in a row stops the run with a
+checkpoint), the optimizer step with gradient clipping, logging
+(`metrics.py`), periodic evaluation and checkpoints, and a checkpoint plus a
+clean exit on SIGTERM.
+
+Data: `--mock-data` (synthetic interleaved documents). Sample positions come
+from the consumed-sample count, so a resumed run reads exactly what the
+uninterrupted run would have read.
 """
 
+import math
+import os
 import time
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_jam.models.flops import jam_cross_flops_per_token
 from megatron_jam.models.jam_cross import JamCrossModel
 from megatron_jam.models.param_count import jam_cross_params
 from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
 from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
-from megatron_jam.parallel.schedule import forward_backward
+from megatron_jam.parallel.schedule import forward_backward, lm_forward_step
 from megatron_jam.training.arguments import build_parser, validate_args
+from megatron_jam.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_jam.training.metrics import MetricsWriter, any_rank_true, format_line, reduce_step_losses
 from megatron_jam.training.mock_data import MockInterleavedData
+from megatron_jam.training.signals import SigtermFlag
 from megatron_jam.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite steps in a row; a checkpoint was written if --save was given."""
 
 
 def _optimizer(args, chunks):
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
+        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=args.use_distributed_optimizer), chunks)
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
@@ -40,62 +57,167 @@ def _optimizer(args, chunks):
     return opt, sched
 
 
-def _iteration_batches(data: MockInterleavedData, args, iteration: int) -> list[dict]:
-    """This data-parallel rank's micro-batches of one global batch."""
+def _batches(data: MockInterleavedData, args, consumed_samples: int) -> list[dict]:
+    """This data-parallel rank's micro-batches of the global batch starting at `consumed_samples`."""
     dp_rank = parallel_state.get_data_parallel_rank()
-    first = iteration * args.global_batch_size + dp_rank * args.num_microbatches * args.micro_batch_size
+    first = consumed_samples + dp_rank * args.num_microbatches * args.micro_batch_size
     return [data.microbatch(first + m * args.micro_batch_size, args.micro_batch_size)
             for m in range(args.num_microbatches)]
 
 
-def _dp_mean_loss(reports: list) -> float:
-    """Mean loss of the step on the last pipeline stage, averaged over data-parallel ranks; NaN elsewhere."""
-    if not reports:
-        return float("nan")
-    loss = torch.stack([r["lm loss"] for r in reports]).mean().reshape(1)
-    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return float(loss) / parallel_state.get_data_parallel_world_size()
+def _optimizer_step(opt, loss_is_finite: bool) -> tuple[float, bool]:
+    """Skip the update when the loss or the gradient norm is not finite; else clip and step.
+
+    The gradient norm is computed once more by `opt.step()` (Megatron's step does not
+    expose a hook between norm and update); the extra pass is small next to the step.
+    """
+    opt.prepare_grads()
+    grad_norm = opt.get_grad_norm()
+    if not loss_is_finite or grad_norm is None or not math.isfinite(grad_norm):
+        opt.zero_grad()
+        return float("nan") if grad_norm is None else grad_norm, False
+    ok, grad_norm, _ = opt.step()
+    return grad_norm, bool(ok)
 
 
-def train(args, cfg) -> list[float]:
+def _evaluate(chunks, args, cfg, iteration: int, writer: MetricsWriter) -> dict:
+    data = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed + 1)
+    for c in chunks:
+        c.eval()
+    totals = []
+    for i in range(args.eval_iters):
+        iters = [iter(_batches(data, args, i * args.global_batch_size)) for _ in chunks]
+        totals.append(reduce_step_losses(forward_backward(
+            chunks, iters, args.num_microbatches, args.seq_length, args.micro_batch_size, forward_only=True)))
+    for c in chunks:
+        c.train()
+    mean = {k: sum(t[k] for t in totals) / len(totals) for k in totals[0]}
+    record = {"iteration": iteration, **{f"valid_{k}": v for k, v in mean.items()},
+              "valid_ppl": math.exp(min(mean["lm_loss"], 50.0))}
+    writer.write(record, f" validation at iteration {iteration} | lm loss: {mean['lm_loss']:.6E} | "
+                         f"PPL: {record['valid_ppl']:.3f} | text loss: {mean['text_loss']:.4E} | "
+                         f"image loss: {mean['image_loss']:.4E}")
+    return mean
+
+
+class _Run:
+    """Mutable state of one training run (what a checkpoint restores)."""
+
+    def __init__(self, args, cfg, chunks, opt, sched):
+        self.args, self.cfg, self.chunks, self.opt, self.sched = args, cfg, chunks, opt, sched
+        self.iteration = self.consumed = 0
+        self.skipped_total = self.skipped_in_row = 0
+        self.history: list[dict] = []
+
+    def save(self) -> None:
+        if self.args.save:
+            save_checkpoint(self.args.save, self.iteration, self.consumed, self.chunks, self.opt, self.sched,
+                            model_config=self.cfg.to_dict(), args=vars(self.args))
+
+
+def _build(args, cfg):
+    extra = {"fp8": args.fp8_format} if args.fp8_format else {}
     chunks = build_model_chunks(
         JamCrossModel, cfg,
         parallel_kwargs(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                        args.virtual_pipeline_model_parallel_size, args.sequence_parallel),
+                        args.virtual_pipeline_model_parallel_size, args.sequence_parallel, args.bf16, **extra),
         use_te=args.transformer_impl == "transformer_engine")
     log_rank0(logger, "JAM-Cross: %.3fM parameters (k=%d); TP=%d PP=%d DP=%d SP=%s; %d micro-batches of %d",
               jam_cross_params(cfg) / 1e6, cfg.cross_every, args.tensor_model_parallel_size,
               args.pipeline_model_parallel_size, args.data_parallel_size, args.sequence_parallel,
               args.num_microbatches, args.micro_batch_size)
+    return chunks
+
+
+def _record(run: _Run, losses: dict, grad_norm: float, dt: float) -> dict:
+    a = run.args
+    tokens = a.global_batch_size * a.seq_length
+    flops = jam_cross_flops_per_token(run.cfg, a.seq_length) * tokens
+    world = torch.distributed.get_world_size()
+    return {"iteration": run.iteration, "consumed_samples": run.consumed, "lm_loss": losses["lm_loss"],
+            "text_loss": losses["text_loss"], "image_loss": losses["image_loss"],
+            "lr": run.opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+            "iteration_time_ms": dt * 1e3, "tokens_per_sec": tokens / dt, "tflops_per_gpu": flops / dt / world / 1e12,
+            "global_batch_size": a.global_batch_size, "skipped_iterations": run.skipped_total}
+
+
+def _train_step(run: _Run, data, forward_step_func) -> dict:
+    a = run.args
+    t0 = time.perf_counter()
+    # Megatron-LM's order: zero the DDP grad buffers (inside forward_backward) and the
+    # optimizer's grads. FP32Optimizer aliases param.grad to main_grad; a stale alias would
+    # make autograd accumulate into main_grad and the DDP hook add it a second time.
+    run.opt.zero_grad()
+    iters = [iter(_batches(data, a, run.consumed)) for _ in run.chunks]
+    reports = forward_backward(run.chunks, iters, a.num_microbatches, a.seq_length, a.micro_batch_size,
+                               forward_step_func=forward_step_func)
+    losses = reduce_step_losses(reports)
+    nonfinite = any_rank_true(bool(reports) and not math.isfinite(losses["lm_loss"]))
+    grad_norm, ok = _optimizer_step(run.opt, not nonfinite)
+    run.iteration += 1
+    run.consumed += a.global_batch_size
+    if ok:
+        run.sched.step(increment=1)
+        run.skipped_in_row = 0
+    else:
+        run.skipped_total += 1
+        run.skipped_in_row += 1
+        log_rank0(logger, "iteration %d: non-finite loss or gradient, update skipped (%d in a row)",
+                  run.iteration, run.skipped_in_row)
+    return _record(run, losses, grad_norm, time.perf_counter() - t0)
+
+
+def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
+    """Run `args.train_iters` iterations (from a checkpoint if `--load`); returns the step records."""
+    chunks = _build(args, cfg)
     opt, sched = _optimizer(args, chunks)
+    run = _Run(args, cfg, chunks, opt, sched)
+    if args.load:
+        run.iteration, run.consumed = load_checkpoint(args.load, chunks, opt, sched, load_rng=not args.no_load_rng)
+    metrics_file = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
+    writer = MetricsWriter(metrics_file, args.tensorboard_dir, args.wandb_project, vars(args))
     data = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed)
-    losses = []
-    for it in range(args.train_iters):
-        t0 = time.perf_counter()
-        iters = [iter(_iteration_batches(data, args, it)) for _ in chunks]
-        reports = forward_backward(chunks, iters, args.num_microbatches, args.seq_length, args.micro_batch_size)
-        _, grad_norm, _ = opt.step()
-        sched.step(increment=1)
-        loss = _dp_mean_loss(reports)
-        losses.append(loss)
-        if (it + 1) % args.log_interval == 0 and parallel_state.is_pipeline_last_stage(ignore_virtual=True) \
-                and parallel_state.get_tensor_model_parallel_rank() == 0 \
-                and parallel_state.get_data_parallel_rank() == 0:
-            dt = time.perf_counter() - t0
-            logger.info(" iteration %6d/%6d | consumed samples: %9d | elapsed time per iteration (ms): %.1f | "
-                        "learning rate: %.3E | global batch size: %5d | lm loss: %.6E | grad norm: %.3f | "
-                        "tokens/s: %.0f", it + 1, args.train_iters, (it + 1) * args.global_batch_size, dt * 1e3,
-                        opt.param_groups[0]["lr"], args.global_batch_size, loss, grad_norm or 0.0,
-                        args.global_batch_size * args.seq_length / dt)
-    return losses
+    sigterm = SigtermFlag() if args.exit_signal_handler else None
+    try:
+        _loop(run, data, writer, sigterm, forward_step_func)
+    finally:
+        writer.close()
+        if sigterm:
+            sigterm.restore()
+    return run.history
 
 
-def main(argv=None) -> list[float]:
+def _loop(run: _Run, data, writer, sigterm, forward_step_func) -> None:
+    a = run.args
+    while run.iteration < a.train_iters:
+        record = _train_step(run, data, forward_step_func)
+        run.history.append(record)
+        if run.iteration % a.log_interval == 0:
+            writer.write(record, format_line(record, a.train_iters))
+        if run.skipped_in_row >= a.max_skipped_steps:
+            run.save()
+            raise TrainingStopped(f"{run.skipped_in_row} non-finite steps in a row (--max-skipped-steps="
+                                  f"{a.max_skipped_steps}) at iteration {run.iteration}; "
+                                  f"{'checkpoint saved to ' + a.save if a.save else 'no --save given'}")
+        if a.eval_interval and run.iteration % a.eval_interval == 0:
+            _evaluate(run.chunks, a, run.cfg, run.iteration, writer)
+        if a.save and a.save_interval and run.iteration % a.save_interval == 0:
+            run.save()
+        if sigterm is not None and sigterm.received():
+            log_rank0(logger, "SIGTERM received: checkpoint at iteration %d and exit", run.iteration)
+            if not (a.save_interval and run.iteration % a.save_interval == 0):
+                run.save()
+            return
+    if a.save and not (a.save_interval and run.iteration % a.save_interval == 0):
+        run.save()
+
+
+def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     cfg = validate_args(args)  # before any process group starts
     initialize_distributed()
     initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.virtual_pipeline_model_parallel_size, seed=args.seed)
-    losses = train(args, cfg)
-    log_rank0(logger, "done: %d iterations", args.train_iters)
-    return losses
+    history = train(args, cfg)
+    log_rank0(logger, "done: iteration %d", history[-1]["iteration"] if history else 0)
+    return history

@@ -48,4 +48,5 @@ class MockInterleavedData:
             "labels": ids[:, 1:].contiguous(),
             "loss_mask": torch.ones(micro_batch_size, self.seq_length),
             "position_ids": torch.arange(self.seq_length).expand(micro_batch_size, -1).contiguous(),
+            "modality": (ids[:, 1:] >= self.text_vocab).long(),  # of each target token
         }

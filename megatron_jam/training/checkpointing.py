@@ -1,0 +1,141 @@
+"""Checkpoints with Megatron-Core `dist_checkpointing`: save, `latest`, and exact resume.
+
+Layout (Megatron-LM's): `<save>/iter_0000005/` holds one `dist_checkpointing`
+checkpoint with the model chunks, the optimizer (sharded by the model's
+checkpoint metadata, so weights load at another TP/PP), the LR scheduler, every
+rank's RNG states and the data position; `<save>/model_config.json` is the
+architecture; `<save>/latest_checkpointed_iteration.txt` names the newest
+*complete* checkpoint. It is replaced atomically only after every rank finished
+writing, so a crash during a save leaves the previous checkpoint as `latest`.
+"""
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_jam.parallel.model import unwrap
+from megatron_jam.utils.logging import get_logger, log_rank0
+
+logger = get_logger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_CONFIG = "model_config.json"
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_latest(root: str) -> int | None:
+    """The iteration named by `<root>/latest_checkpointed_iteration.txt`, or None."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.exists(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _rng_state() -> dict:
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rank_coords() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    ps = parallel_state
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return shape, offset
+
+
+def _model_state(chunks: list) -> dict:
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _sharded_state(chunks, optimizer, scheduler, loading: bool) -> dict:
+    state = _model_state(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    shape, offset = _rank_coords()
+    state["rng_state"] = ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0)
+    return state
+
+
+def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks: list, optimizer=None,
+                    scheduler=None, model_config: dict | None = None, args: dict | None = None) -> str:
+    """Save everything needed to resume; update `latest` only once the checkpoint is complete."""
+    path = checkpoint_dir(root, iteration)
+    if dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+    dist.barrier()
+    state = _sharded_state(chunks, optimizer, scheduler, loading=False)
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    state["args"] = json.dumps(args or {}, default=str, sort_keys=True)
+    dist_checkpointing.save(state, path)
+    dist.barrier()  # every rank has finished writing
+    if dist.get_rank() == 0:
+        if model_config is not None:
+            _write_atomic(os.path.join(root, MODEL_CONFIG), json.dumps(model_config, indent=2, sort_keys=True))
+        _write_atomic(os.path.join(root, TRACKER), str(iteration))
+    dist.barrier()
+    log_rank0(logger, "saved checkpoint %s (iteration %d, %d samples consumed)", path, iteration, consumed_samples)
+    return path
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, load_rng: bool = True,
+                    iteration: int | None = None) -> tuple[int, int]:
+    """Restore model (and optimizer, scheduler, RNG if given/asked); returns (iteration, consumed samples)."""
+    iteration = read_latest(root) if iteration is None else iteration
+    if iteration is None:
+        raise FileNotFoundError(f"--load {root}: no {TRACKER}, so no complete checkpoint to load")
+    path = checkpoint_dir(root, iteration)
+    state = _sharded_state(chunks, optimizer, scheduler, loading=True)
+    state["iteration"] = state["consumed_samples"] = state["args"] = None
+    if not load_rng:
+        state.pop("rng_state")
+    loaded = dist_checkpointing.load(state, path)
+    for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), chunks):
+        unwrap(chunk).load_state_dict(loaded[key])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    log_rank0(logger, "loaded checkpoint %s (iteration %d)", path, loaded["iteration"])
+    return int(loaded["iteration"]), int(loaded["consumed_samples"])

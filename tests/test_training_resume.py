@@ -16,6 +16,7 @@ import pytest
 BASE = ["--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--lr", "3e-3",
         "--lr-warmup-iters", "2", "--log-interval", "1", "--tensor-model-parallel-size", "2",
         "--sequence-parallel", "--lr-decay-iters", "10"]
+TP1 = BASE[:BASE.index("--tensor-model-parallel-size")] + ["--lr-decay-iters", "10"]
 
 
 def _losses(history):
@@ -154,3 +155,26 @@ def _sigterm_body(root: str):
 def test_sigterm_checkpoints_and_exits(pool2, tmp_path):
     assert pool2.run(_sigterm_body, str(tmp_path)) == [4, 4]
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "4"
+
+
+def _layout_curve_body(root: str, layout: list):
+    from megatron_jam.training.loop import main
+
+    init = root + "/init"
+    main(TP1 + ["--train-iters", "0", "--save", init])  # TP=1 initial weights, iteration 0
+    return _losses(main(TP1 + ["--train-iters", "5", "--load", init, "--finetune"] + layout))
+
+
+def test_tp2_and_pp2_give_the_per_step_losses_of_tp1(pool2, tmp_path):
+    """Same start (a TP=1 checkpoint loaded with --finetune), 5 steps, within 1e-5 relative."""
+    curves = {}
+    for name, layout in {"tp1": [], "tp2": ["--tensor-model-parallel-size", "2"],
+                         "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                         "pp2": ["--pipeline-model-parallel-size", "2"]}.items():
+        per_rank = pool2.run(_layout_curve_body, str(tmp_path / name), layout)
+        curves[name] = next(c for c in per_rank if not math.isnan(c[0]))
+    ref = curves["tp1"]
+    assert ref[-1] < ref[0]
+    for name, curve in curves.items():
+        for step, (a, b) in enumerate(zip(ref, curve)):
+            assert abs(a - b) <= 1e-5 * abs(a), (name, step, ref, curve)

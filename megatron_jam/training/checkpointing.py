@@ -118,14 +118,25 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, load_rng: bool = True,
-                    iteration: int | None = None) -> tuple[int, int]:
-    """Restore model (and optimizer, scheduler, RNG if given/asked); returns (iteration, consumed samples)."""
+                    iteration: int | None = None, finetune: bool = False) -> tuple[int, int]:
+    """Restore model (and optimizer, scheduler, RNG if given/asked); returns (iteration, consumed samples).
+
+    `finetune` (Megatron's `--finetune`) loads the model weights only and starts at iteration 0.
+    A checkpoint that holds only a model (what `tools/convert_checkpoint.py` writes) is loaded
+    that way automatically.
+    """
     iteration = read_latest(root) if iteration is None else iteration
     if iteration is None:
         raise FileNotFoundError(f"--load {root}: no {TRACKER}, so no complete checkpoint to load")
     path = checkpoint_dir(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(path)
+    model_only = finetune or "opt_param_scheduler" not in common
+    if model_only:
+        log_rank0(logger, "loading model weights only from %s (%s)", path,
+                  "--finetune" if finetune else "the checkpoint has no optimizer state")
+        optimizer = scheduler = None
+        load_rng = False
     state = _sharded_state(chunks, optimizer, scheduler, loading=True)
-    state["iteration"] = state["consumed_samples"] = state["args"] = None
     if not load_rng:
         state.pop("rng_state")
     loaded = dist_checkpointing.load(state, path)
@@ -137,5 +148,7 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, loa
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
-    log_rank0(logger, "loaded checkpoint %s (iteration %d)", path, loaded["iteration"])
-    return int(loaded["iteration"]), int(loaded["consumed_samples"])
+    if model_only:
+        return 0, 0
+    log_rank0(logger, "loaded checkpoint %s (iteration %d)", path, common["iteration"])
+    return int(common["iteration"]), int(common["consumed_samples"])

@@ -173,7 +173,8 @@ def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
     opt, sched = _optimizer(args, chunks)
     run = _Run(args, cfg, chunks, opt, sched)
     if args.load:
-        run.iteration, run.consumed = load_checkpoint(args.load, chunks, opt, sched, load_rng=not args.no_load_rng)
+        run.iteration, run.consumed = load_checkpoint(args.load, chunks, opt, sched, load_rng=not args.no_load_rng,
+                                                      finetune=args.finetune)
     metrics_file = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
     writer = MetricsWriter(metrics_file, args.tensorboard_dir, args.wandb_project, vars(args))
     data = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed)

@@ -38,7 +38,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers>=4.45"],
+        "test": ["pytest", "hypothesis", "transformers>=4.45", "faiss-cpu"],
+        "retrieval": ["faiss-cpu", "transformers>=4.45"],
         "hf": ["transformers>=4.45"],
         # CUDA only; NGC PyTorch images already carry both.
         "te": ["transformer-engine[pytorch]"],

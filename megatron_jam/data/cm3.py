@@ -1,0 +1,222 @@
+"""The CM3 causally-masked objective as a pure function on numpy token arrays.
+
+Why a module of its own: the dataset applies it per sample, the tests check
+it as a property of random documents, and a user inspecting a sample wants to
+undo it (`cm3_restore`). Nothing here touches torch or files.
+
+What it does (metaseq's `CausalMaskedDocumentToSequenceDataset`, with
+CM3leon's modality rule; DESIGN.md section 4, paper section 3.1):
+
+1. draw n ~ Poisson(lambda), clamped to `max_spans` and the sentinel count;
+   n = 0 leaves the sample a plain causal-LM sample;
+2. place n non-overlapping spans with uniformly drawn end points (2n distinct
+   cut points over the sample, sorted, paired);
+3. snap them to the modality rule: a span never contains a separator
+   (`<break>`, `<eos>` = document boundary, any special id), is clipped to the
+   segment its start falls in, and a span that touches an image covers exactly
+   that whole image (a partial image at the edge of the window is never
+   masked). Spans that collapse or collide are redrawn (up to
+   `max_attempts` times; then fewer spans are kept);
+4. replace span i (in position order) by `<sentinel:i>` in place and append
+   `<sentinel:i>` + span + `<eos_span>` after the sample.
+
+Length rule (differs from metaseq on purpose): metaseq transforms the whole
+window and then cuts the result to the sample length, which drops the tail of
+the last appended span (the model then learns spans that end early) and makes
+the sample impossible to invert. Here the raw window is cut *before* the
+transform to `max_length - 3n` tokens, so the output has exactly `max_length`
+tokens (3 extra per span: two sentinels and one `<eos_span>`), every appended
+span is complete, and `cm3_restore(output)` gives back the raw prefix exactly.
+The cost is 3n raw tokens per sample left unused (n averages lambda = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from megatron_jam.data.vocab import VocabLayout
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CM3Config:
+    """Knobs of the CM3 objective."""
+
+    enabled: bool = True
+    """False: plain causal LM (ablations, instruction tuning); the sample passes through unchanged."""
+    poisson_lambda: float = 1.0
+    """Mean of the Poisson distribution of the number of masked spans per sample."""
+    max_spans: Optional[int] = None
+    """Upper clamp of the span count; None = the layout's sentinel count."""
+    sentinel_loss_weight: float = 1.0
+    """Loss weight of positions whose label is a `<sentinel:i>` (in place and in the appended part)."""
+    max_attempts: int = 8
+    """Redraws of the span placement when spans collapse (only separators) or collide (same image)."""
+
+    def __post_init__(self) -> None:
+        if self.poisson_lambda < 0:
+            raise ValueError(f"CM3Config.poisson_lambda must be >= 0, got {self.poisson_lambda}")
+        if self.max_spans is not None and self.max_spans < 0:
+            raise ValueError(f"CM3Config.max_spans must be >= 0, got {self.max_spans}")
+        if self.max_attempts < 1:
+            raise ValueError(f"CM3Config.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.sentinel_loss_weight < 0:
+            raise ValueError(f"CM3Config.sentinel_loss_weight must be >= 0, got {self.sentinel_loss_weight}")
+
+
+@dataclasses.dataclass
+class CM3Sample:
+    """Output of `cm3_transform`."""
+
+    tokens: np.ndarray
+    """Transformed token ids (int64), at most `max_length` of them."""
+    source: np.ndarray
+    """Per output token: index into the input it was copied from, or -1 for an inserted sentinel /
+    `<eos_span>`. Gathers any per-token attribute (e.g. instruction loss weights) along."""
+    spans: np.ndarray
+    """[n, 2] int64 half-open spans (start, end) in input coordinates, in position order."""
+    num_drawn: int
+    """Span count drawn from the Poisson distribution (after clamping); len(spans) <= num_drawn."""
+
+
+def draw_num_spans(rng: np.random.Generator, config: CM3Config, layout: VocabLayout) -> int:
+    """n ~ Poisson(lambda) clamped to max_spans and the sentinel count (0 when the objective is off)."""
+    if not config.enabled or config.poisson_lambda == 0:
+        return 0
+    cap = layout.num_sentinels if config.max_spans is None else min(config.max_spans, layout.num_sentinels)
+    return int(min(rng.poisson(config.poisson_lambda), cap))
+
+
+def segment_table(tokens: np.ndarray, layout: VocabLayout) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Maskable segments of `tokens` (vectorised).
+
+    Returns (next_ok, seg_of, seg_bounds, seg_maskable_image):
+    next_ok[t] (t in [0, m]) is the first non-separator index >= t (m if none);
+    seg_of[t] the segment id of token t (-1 for separators); seg_bounds [S, 2]
+    the half-open bounds of each segment; seg_image[s] is 0 for a text
+    segment, 1 for a complete image, -1 for a partial image (not maskable).
+    """
+    tokens = np.asarray(tokens)
+    m = tokens.size
+    sep = layout.is_special(tokens) | (tokens == layout.eos_id) | (tokens < 0) | (tokens >= layout.vocab_size)
+    img = layout.is_image(tokens)
+    prev_sep = np.concatenate([[True], sep[:-1]])
+    next_sep = np.concatenate([sep[1:], [True]])
+    prev_img = np.concatenate([[False], img[:-1]])
+    next_img = np.concatenate([img[1:], [False]])
+    starts = np.flatnonzero(~sep & (prev_sep | (img != prev_img)))
+    ends = np.flatnonzero(~sep & (next_sep | (img != next_img))) + 1
+    seg_of = np.cumsum(np.isin(np.arange(m), starts)) - 1
+    seg_of[sep] = -1
+    ok_idx = np.where(sep, m, np.arange(m))
+    next_ok = np.minimum.accumulate(np.concatenate([ok_idx, [m]])[::-1])[::-1]
+    seg_image = np.zeros(starts.size, dtype=np.int64)
+    is_img_seg = img[starts] if starts.size else np.zeros(0, dtype=bool)
+    seg_image[is_img_seg] = np.where(ends[is_img_seg] - starts[is_img_seg] == layout.tokens_per_image, 1, -1)
+    return next_ok, seg_of, np.stack([starts, ends], axis=1), seg_image
+
+
+def place_spans(tokens: np.ndarray, n: int, rng: np.random.Generator, layout: VocabLayout,
+                max_attempts: int = 8) -> np.ndarray:
+    """Up to n non-overlapping spans ([k, 2], position order) that obey the modality rule."""
+    m = int(np.asarray(tokens).size)
+    if n == 0 or m == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    next_ok, seg_of, bounds, seg_image = segment_table(tokens, layout)
+    if bounds.shape[0] == 0 or not ((seg_image == 0).any() or (seg_image == 1).any()):
+        return np.zeros((0, 2), dtype=np.int64)
+    n = min(n, (m + 1) // 2)
+    best = np.zeros((0, 2), dtype=np.int64)
+    for _ in range(max_attempts):
+        points = np.sort(rng.choice(m + 1, size=2 * n, replace=False))
+        spans = _snap(points[0::2], points[1::2], next_ok, seg_of, bounds, seg_image, m)
+        if spans.shape[0] > best.shape[0]:
+            best = spans
+        if best.shape[0] == n:
+            break
+    return best
+
+
+def _snap(s: np.ndarray, e: np.ndarray, next_ok: np.ndarray, seg_of: np.ndarray, bounds: np.ndarray,
+          seg_image: np.ndarray, m: int) -> np.ndarray:
+    """Clip drawn spans to their start's segment, widen image hits to the image, drop collisions."""
+    start = next_ok[s]
+    inside = start < m
+    seg = np.where(inside, seg_of[np.minimum(start, m - 1)], 0)
+    seg_start, seg_end, kind = bounds[seg, 0], bounds[seg, 1], seg_image[seg]
+    end = np.where(kind == 1, seg_end, np.minimum(e, seg_end))
+    start = np.where(kind == 1, seg_start, start)
+    valid = inside & (kind >= 0) & (start < end)
+    spans = np.stack([start[valid], end[valid]], axis=1).astype(np.int64)
+    if spans.shape[0] > 1:  # two draws that hit the same image collide: keep the first
+        keep = np.concatenate([[True], spans[1:, 0] >= spans[:-1, 1]])
+        spans = spans[keep]
+    return spans
+
+
+def assemble(num_input: int, spans: np.ndarray, layout: VocabLayout) -> np.ndarray:
+    """Output layout as one int64 array: index >= 0 copies input[index]; -1 - id inserts token `id`."""
+    parts: List[np.ndarray] = []
+    tail: List[np.ndarray] = []
+    prev = 0
+    for i, (s, e) in enumerate(spans.tolist()):
+        sentinel = np.array([-1 - layout.sentinel_id(i)], dtype=np.int64)
+        parts += [np.arange(prev, s, dtype=np.int64), sentinel]
+        tail += [sentinel, np.arange(s, e, dtype=np.int64), np.array([-1 - layout.eos_span_id], dtype=np.int64)]
+        prev = e
+    parts.append(np.arange(prev, num_input, dtype=np.int64))
+    return np.concatenate(parts + tail)
+
+
+def cm3_transform(tokens: np.ndarray, layout: VocabLayout, rng: np.random.Generator, config: CM3Config,
+                  max_length: Optional[int] = None) -> CM3Sample:
+    """Apply the CM3 objective to one sample (see the module docstring for the rules).
+
+    Args:
+        tokens: raw token ids of the sample (1-D); padding must not be included.
+        layout: the vocabulary layout (separators, image range, sentinel ids).
+        rng: the sample's generator (the dataset seeds it from (seed, dataset, sample index)).
+        config: the objective's knobs.
+        max_length: output length cap; default len(tokens). The raw input is cut to
+            `max_length - 3 * num_spans` before masking, so the output never exceeds it.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    max_length = tokens.size if max_length is None else int(max_length)
+    n = draw_num_spans(rng, config, layout)
+    n_fit = min(n, max(0, (max_length - 1) // 4))  # keep >= 1 raw token per span + its 3 extra tokens
+    budget = min(tokens.size, max_length - 3 * n_fit)
+    spans = place_spans(tokens[:budget], n_fit, rng, layout, config.max_attempts)
+    used = min(tokens.size, max_length - 3 * spans.shape[0])
+    index = assemble(used, spans, layout)
+    out = np.where(index >= 0, tokens[np.maximum(index, 0)] if tokens.size else 0, -1 - index)
+    return CM3Sample(tokens=out.astype(np.int64), source=np.where(index >= 0, index, -1), spans=spans,
+                     num_drawn=n)
+
+
+def cm3_restore(tokens: np.ndarray, layout: VocabLayout) -> np.ndarray:
+    """Invert `cm3_transform`: the raw tokens the sample was made from (trailing padding excluded).
+
+    Raw data never contains sentinel or `<eos_span>` ids, so the masked part
+    ends at the second `<sentinel:0>`; each appended group is
+    `<sentinel:i> span <eos_span>`.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    s0 = layout.sentinel_id(0) if layout.num_sentinels else -2
+    hits = np.flatnonzero(tokens == s0)
+    if hits.size < 2:
+        return tokens.copy()
+    prefix, tail = tokens[:hits[1]], tokens[hits[1]:]
+    ends = np.flatnonzero(tail == layout.eos_span_id)
+    spans, start = {}, 0
+    for end in ends.tolist():
+        spans[int(tail[start])] = tail[start + 1:end]
+        start = end + 1
+    is_sentinel = np.isin(prefix, list(spans))
+    pieces, prev = [], 0
+    for pos in np.flatnonzero(is_sentinel).tolist():
+        pieces += [prefix[prev:pos], spans[int(prefix[pos])]]
+        prev = pos + 1
+    pieces.append(prefix[prev:])
+    return np.concatenate(pieces)

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Turn instruction-tuning JSON Lines (prompt/response pairs or role-tagged turns) into JAM shards.
+
+Like tools/preprocess_interleaved.py (same tokenizers, same vocabulary layout, same
+document layout), plus ``PREFIX.loss_mask.npy``: one uint8 per stored sequence, 1 on
+response turns (loss), 0 on prompt turns. Turn boundaries are sequence boundaries, so
+the shards stay plain Megatron multimodal datasets (see megatron_jam/data/instruct.py).
+Input lines::
+
+    {"prompt": "How to ...?", "response": [{"text": "The following answer ..."}, {"image": "a.png"}]}
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": [...]}]}
+
+Instruction sets are small (LIMA: 1k, wikiHow: 3k documents), so this runs in one
+process and writes one dataset. Writes PREFIX.bin/.idx, PREFIX.vocab.json,
+PREFIX.loss_mask.npy, PREFIX.rejects.jsonl, PREFIX.stats.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, List, Optional
+
+import numpy as np
+
+from megatron_jam.data.documents import IMAGE, IMAGE_TOKENS, TEXT, BatchAccumulator, RejectedDocument, image_codes_to_ids
+from megatron_jam.data.image_tokenizer import ImageError, VQImageTokenizer
+from megatron_jam.data.indexed_builder import IndexedDatasetBuilder
+from megatron_jam.data.instruct import DEFAULT_LOSS_ROLES, build_instruct_sequences, instruction_turns, loss_mask_path
+from megatron_jam.data.vocab import VocabLayoutError, layout_path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from preprocess_interleaved import RejectLog, build_layout, expand_inputs, reject  # noqa: E402
+
+
+def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help="JSONL files or glob patterns")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    p.add_argument("--image-tokenizer", help="folder of a transformers VQ model")
+    p.add_argument("--codebook-size", type=int)
+    p.add_argument("--tokens-per-image", type=int)
+    p.add_argument("--num-sentinels", type=int, default=32)
+    p.add_argument("--dedicated-eos", action="store_true")
+    p.add_argument("--vocab-layout", help="layout JSON the output must match (e.g. the pretraining shards')")
+    p.add_argument("--loss-roles", nargs="+", default=list(DEFAULT_LOSS_ROLES), help="roles whose turns get loss")
+    p.add_argument("--max-reject-fraction", type=float, default=0.01)
+    return p.parse_args(argv)
+
+
+class InstructEncoder:
+    """Encodes one instruction record into (sequences, modes, loss flags)."""
+
+    def __init__(self, sp: Any, vq: Optional[VQImageTokenizer], layout: Any, loss_roles: List[str]) -> None:
+        self.sp, self.vq, self.layout, self.loss_roles = sp, vq, layout, loss_roles
+
+    def encode(self, record: Any, folder: str):
+        segments = []
+        for loss, items in instruction_turns(record, self.loss_roles):
+            for i, (kind, value) in enumerate(items):
+                if kind == TEXT:
+                    segments.append((loss, TEXT, np.asarray(self.sp.encode(value), dtype=np.int64)))
+                elif kind == IMAGE_TOKENS:
+                    segments.append((loss, IMAGE, image_codes_to_ids(value, self.layout, i)))
+                else:
+                    if self.vq is None:
+                        raise RejectedDocument("no_image_tokenizer", "image files but no --image-tokenizer")
+                    path = value if os.path.isabs(value) else os.path.join(folder, value)
+                    codes = self.vq.encode_files([path])[0]
+                    segments.append((loss, IMAGE, image_codes_to_ids(codes, self.layout, i)))
+        return build_instruct_sequences(segments, self.layout)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_args(argv)
+    try:
+        import sentencepiece
+
+        files = expand_inputs(args.input)
+        sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer_model)
+        vq = VQImageTokenizer(args.image_tokenizer) if args.image_tokenizer else None
+        layout = build_layout(args, sp, vq)
+    except (ValueError, OSError, VocabLayoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    layout.to_json(layout_path(args.output_prefix))
+    encoder, acc, flags = InstructEncoder(sp, vq, layout, args.loss_roles), BatchAccumulator(layout), []
+    rejects = RejectLog(args.output_prefix)
+    for path in files:
+        folder = os.path.dirname(os.path.abspath(path))
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                    sequences, modes, loss = encoder.encode(record, folder)
+                except (ValueError, UnicodeDecodeError) as e:
+                    rejects.write([reject(path, number, RejectedDocument("malformed_json", str(e)), raw)])
+                    continue
+                except (RejectedDocument, ImageError) as e:
+                    rejects.write([reject(path, number, e, raw)])
+                    continue
+                acc.add(sequences, modes)
+                flags.extend(loss)
+    rejects.close()
+    batch = acc.batch()
+    builder = IndexedDatasetBuilder(args.output_prefix + ".bin", layout.dtype, multimodal=True)
+    builder.add_batch(batch)
+    builder.finalize(args.output_prefix + ".idx")
+    np.save(loss_mask_path(args.output_prefix), np.asarray(flags, dtype=np.uint8))
+    loss_tokens = int(np.asarray(flags, dtype=np.int64) @ batch.sequence_lengths) if flags else 0
+    summary = {**acc.counts, "tokens": batch.num_tokens, "loss_tokens": loss_tokens, "skipped": rejects.count,
+               "skipped_by_reason": rejects.by_reason, "inputs": files, "outputs": [args.output_prefix],
+               "rejects_file": rejects.path}
+    with open(args.output_prefix + ".stats.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    print(f"documents        {summary['documents']}")
+    print(f"tokens           {summary['tokens']} ({loss_tokens} with loss)")
+    print(f"skipped          {rejects.count} {json.dumps(rejects.by_reason, sort_keys=True)}")
+    print(f"outputs          {args.output_prefix}")
+    seen = summary["documents"] + rejects.count
+    if seen and rejects.count / seen > args.max_reject_fraction:
+        print(f"error: {rejects.count} of {seen} documents rejected, more than --max-reject-fraction "
+              f"{args.max_reject_fraction}; see {rejects.path}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

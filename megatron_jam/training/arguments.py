@@ -57,8 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM, save a checkpoint and exit cleanly (on by default with --save)")
     g = p.add_argument_group("data and logging")
-    g.add_argument("--mock-data", action="store_true", default=True,
-                   help="synthetic interleaved documents (the only data source in this version)")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="Megatron blend: PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (shards from "
+                        "tools/preprocess_interleaved.py); without it, --mock-data")
+    g.add_argument("--mock-data", action="store_true", help="synthetic interleaved documents (the default without --data-path)")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test document fractions of each prefix")
+    g.add_argument("--valid-data-path", nargs="*", default=None,
+                   help="extra validation sets, each NAME=PREFIX (e.g. text=wiki_valid image=coco_valid)")
+    g.add_argument("--data-cache-path", default=None, help="where Megatron's dataset index cache goes")
+    g.add_argument("--no-cm3", action="store_true", help="plain causal LM instead of the CM3 objective")
+    g.add_argument("--cm3-lambda", type=float, default=1.0, help="Poisson mean of masked spans per sample")
+    g.add_argument("--sentinel-loss-weight", type=float, default=1.0)
+    g.add_argument("--retrieval-k", type=int, default=0,
+                   help="prepend up to k retrieved documents (prefixes with neighbours from tools/retrieve.py)")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=2)
@@ -112,6 +123,8 @@ def validate_args(args: argparse.Namespace) -> JamCrossConfig:
 
         if not HAVE_TE or args.transformer_impl != "transformer_engine":
             raise ConfigError("--fp8-format needs Transformer Engine (--transformer-impl transformer_engine) and a GPU")
+    if args.mock_data and args.data_path:
+        raise ConfigError("--mock-data and --data-path exclude each other")
     if args.load and not os.path.isdir(args.load):
         raise ConfigError(f"--load {args.load}: no such directory")
     return cfg

@@ -9,9 +9,9 @@ checkpoint), the optimizer step with gradient clipping, logging
 (`metrics.py`), periodic evaluation and checkpoints, and a checkpoint plus a
 clean exit on SIGTERM.
 
-Data: `--mock-data` (synthetic interleaved documents). Sample positions come
-from the consumed-sample count, so a resumed run reads exactly what the
-uninterrupted run would have read.
+Data (`training/data.py`): Megatron indexed shards with the CM3 objective, or
+`--mock-data`. Sample positions come from the consumed-sample count, so a
+resumed run reads exactly what the uninterrupted run would have read.
 """
 
 import math
@@ -32,7 +32,7 @@ from megatron_jam.parallel.schedule import forward_backward, lm_forward_step
 from megatron_jam.training.arguments import build_parser, validate_args
 from megatron_jam.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_jam.training.metrics import MetricsWriter, any_rank_true, format_line, reduce_step_losses
-from megatron_jam.training.mock_data import MockInterleavedData
+from megatron_jam.training.data import build_data_sources
 from megatron_jam.training.signals import SigtermFlag
 from megatron_jam.utils.logging import get_logger, log_rank0
 
@@ -57,7 +57,7 @@ def _optimizer(args, chunks):
     return opt, sched
 
 
-def _batches(data: MockInterleavedData, args, consumed_samples: int) -> list[dict]:
+def _batches(data, args, consumed_samples: int) -> list[dict]:
     """This data-parallel rank's micro-batches of the global batch starting at `consumed_samples`."""
     dp_rank = parallel_state.get_data_parallel_rank()
     first = consumed_samples + dp_rank * args.num_microbatches * args.micro_batch_size
@@ -80,24 +80,28 @@ def _optimizer_step(opt, loss_is_finite: bool) -> tuple[float, bool]:
     return grad_norm, bool(ok)
 
 
-def _evaluate(chunks, args, cfg, iteration: int, writer: MetricsWriter) -> dict:
-    data = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed + 1)
+def _evaluate(chunks, args, valid_sets: dict, iteration: int, writer: MetricsWriter) -> dict:
+    """Loss and perplexity on every validation set (over all, text and image targets)."""
     for c in chunks:
         c.eval()
-    totals = []
-    for i in range(args.eval_iters):
-        iters = [iter(_batches(data, args, i * args.global_batch_size)) for _ in chunks]
-        totals.append(reduce_step_losses(forward_backward(
-            chunks, iters, args.num_microbatches, args.seq_length, args.micro_batch_size, forward_only=True)))
+    results = {}
+    for name, data in valid_sets.items():
+        start = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
+        totals = []
+        for i in range(args.eval_iters):
+            iters = [iter(_batches(data, args, start + i * args.global_batch_size)) for _ in chunks]
+            totals.append(reduce_step_losses(forward_backward(
+                chunks, iters, args.num_microbatches, args.seq_length, args.micro_batch_size, forward_only=True)))
+        mean = {k: sum(t[k] for t in totals) / len(totals) for k in totals[0]}
+        record = {"iteration": iteration, "valid_set": name, **{f"valid_{k}": v for k, v in mean.items()},
+                  "valid_ppl": math.exp(min(mean["lm_loss"], 50.0))}
+        writer.write(record, f" validation {name} at iteration {iteration} | lm loss: {mean['lm_loss']:.6E} | "
+                             f"PPL: {record['valid_ppl']:.3f} | text loss: {mean['text_loss']:.4E} | "
+                             f"image loss: {mean['image_loss']:.4E}")
+        results[name] = mean
     for c in chunks:
         c.train()
-    mean = {k: sum(t[k] for t in totals) / len(totals) for k in totals[0]}
-    record = {"iteration": iteration, **{f"valid_{k}": v for k, v in mean.items()},
-              "valid_ppl": math.exp(min(mean["lm_loss"], 50.0))}
-    writer.write(record, f" validation at iteration {iteration} | lm loss: {mean['lm_loss']:.6E} | "
-                         f"PPL: {record['valid_ppl']:.3f} | text loss: {mean['text_loss']:.4E} | "
-                         f"image loss: {mean['image_loss']:.4E}")
-    return mean
+    return results
 
 
 class _Run:
@@ -177,10 +181,10 @@ def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
                                                       finetune=args.finetune)
     metrics_file = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
     writer = MetricsWriter(metrics_file, args.tensorboard_dir, args.wandb_project, vars(args))
-    data = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed)
+    data, valid_sets = build_data_sources(args, cfg)
     sigterm = SigtermFlag() if args.exit_signal_handler else None
     try:
-        _loop(run, data, writer, sigterm, forward_step_func)
+        _loop(run, data, valid_sets, writer, sigterm, forward_step_func)
     finally:
         writer.close()
         if sigterm:
@@ -188,7 +192,7 @@ def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
     return run.history
 
 
-def _loop(run: _Run, data, writer, sigterm, forward_step_func) -> None:
+def _loop(run: _Run, data, valid_sets: dict, writer, sigterm, forward_step_func) -> None:
     a = run.args
     while run.iteration < a.train_iters:
         record = _train_step(run, data, forward_step_func)
@@ -201,7 +205,7 @@ def _loop(run: _Run, data, writer, sigterm, forward_step_func) -> None:
                                   f"{a.max_skipped_steps}) at iteration {run.iteration}; "
                                   f"{'checkpoint saved to ' + a.save if a.save else 'no --save given'}")
         if a.eval_interval and run.iteration % a.eval_interval == 0:
-            _evaluate(run.chunks, a, run.cfg, run.iteration, writer)
+            _evaluate(run.chunks, a, valid_sets, run.iteration, writer)
         if a.save and a.save_interval and run.iteration % a.save_interval == 0:
             run.save()
         if sigterm is not None and sigterm.received():

@@ -1,0 +1,104 @@
+"""Where the trainer's micro-batches come from: Megatron indexed shards (`--data-path`) or `--mock-data`.
+
+Both sources answer `microbatch(first_sample_index, micro_batch_size)` with the
+batch dict of the schedules (tokens, labels, loss_mask, position_ids,
+modality), and a sample is a pure function of its index, so the consumed-sample
+count saved in a checkpoint is the whole data position. Shards go through
+`megatron_jam.data.cm3_dataset.build_train_valid_test_datasets` (Megatron's
+blend syntax, splits, on-disk index cache, CM3 objective, retrieval).
+Validation sets: the blend's own valid split, plus any named
+`--valid-data-path NAME=PREFIX` sets (for example `text=wiki image=coco`),
+each reported separately.
+"""
+
+import torch
+
+from megatron_jam.models.config import ConfigError
+from megatron_jam.training.mock_data import MockInterleavedData
+from megatron_jam.utils.logging import get_logger, log_rank0
+
+logger = get_logger(__name__)
+
+
+class DatasetSource:
+    """Micro-batches of a map-style dataset of sample dicts."""
+
+    def __init__(self, dataset, name: str):
+        if dataset is None or len(dataset) == 0:
+            raise ConfigError(f"data set {name!r} is empty (check --split and the prefix)")
+        self.dataset, self.name = dataset, name
+
+    def microbatch(self, first_index: int, micro_batch_size: int) -> dict:
+        samples = [self.dataset[(first_index + i) % len(self.dataset)] for i in range(micro_batch_size)]
+        return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids",
+                                                                 "modality")}
+
+
+def _every_rank() -> bool:
+    """Every rank reads its own micro-batches (Megatron-LM instead broadcasts from TP rank 0);
+    the index cache is still built once, on rank 0, by Megatron's builder."""
+    return True
+
+
+def _cm3(args):
+    from megatron_jam.data.cm3 import CM3Config
+
+    if args.no_cm3:
+        return None
+    return CM3Config(poisson_lambda=args.cm3_lambda, sentinel_loss_weight=args.sentinel_loss_weight)
+
+
+def _retrieval(args):
+    if not args.retrieval_k:
+        return None
+    from megatron_jam.data.retrieval import RetrievalConfig
+
+    return RetrievalConfig(k=args.retrieval_k)
+
+
+def _check_vocab(cfg, prefix: str):
+    from megatron_jam.data.vocab import load_layout
+
+    layout = load_layout(prefix)
+    if layout.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"{prefix}: the vocabulary layout has {layout.vocab_size} ids but the model's "
+                          f"vocab_size is {cfg.vocab_size} (model config {cfg.to_dict().get('model_type')})")
+    return layout
+
+
+def _named_valid_sets(args, cfg, n_valid: int) -> dict:
+    from megatron_jam.data.cm3_dataset import build_train_valid_test_datasets
+
+    out = {}
+    for entry in args.valid_data_path or []:
+        name, sep, prefix = entry.partition("=")
+        if not sep:
+            name, prefix = entry.rsplit("/", 1)[-1], entry
+        _check_vocab(cfg, prefix)
+        _, valid, _ = build_train_valid_test_datasets(
+            [prefix], "0,100,0", args.seq_length, args.seed, (None, n_valid, None), _cm3(args),
+            retrieval=_retrieval(args), data_cache_path=args.data_cache_path, is_built_on_rank=_every_rank)
+        out[name] = DatasetSource(valid, name)
+    return out
+
+
+def build_data_sources(args, cfg) -> tuple[object, dict]:
+    """(train source, {validation set name: source}); mock data when no --data-path is given."""
+    n_train = args.train_iters * args.global_batch_size
+    n_valid = args.eval_iters * args.global_batch_size * (args.train_iters // (args.eval_interval or 10**9) + 1)
+    if not args.data_path:
+        log_rank0(logger, "data: --mock-data (synthetic interleaved documents)")
+        valid = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed + 1)
+        return MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed), {"valid": valid}
+    from megatron_jam.data.cm3_dataset import build_train_valid_test_datasets
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    for prefix in get_blend_from_list(list(args.data_path))[0]:
+        _check_vocab(cfg, prefix)
+    train, valid, _ = build_train_valid_test_datasets(
+        args.data_path, args.split, args.seq_length, args.seed,
+        (n_train, n_valid, args.eval_iters * args.global_batch_size), _cm3(args),
+        retrieval=_retrieval(args), data_cache_path=args.data_cache_path, is_built_on_rank=_every_rank)
+    sets = {} if valid is None else {"valid": DatasetSource(valid, "valid")}
+    sets.update(_named_valid_sets(args, cfg, n_valid))
+    return DatasetSource(train, "train"), sets

@@ -86,6 +86,12 @@ def _cpu_tensor_to(to):
 
 
 def _patch_devices() -> None:
+    # torch's default-device mode (`with torch.device("meta"):`, used by transformers'
+    # from_pretrained) recognises factories by identity in a set it builds on first use;
+    # build it now, from the original functions our wrappers call.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_device_kwarg(getattr(torch, name)))
     for name in _TENSOR_NEW:

@@ -153,3 +153,24 @@ def test_dist_checkpointing_saves_at_tp2_and_loads_at_pp2(pool2, tmp_path):
     for equal_after_load, differed_before in out:
         assert differed_before, "the second model must start from other weights"
         assert equal_after_load
+
+
+def test_default_device_context_still_applies_to_wrapped_factories():
+    """`with torch.device("meta")` (transformers' from_pretrained) must reach the factories."""
+    with torch.device("meta"):
+        for t in (torch.tensor([1.0]), torch.empty(2), torch.zeros(2), torch.arange(3)):
+            assert t.device.type == "meta"
+
+
+def test_transformers_from_pretrained_is_unaffected(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(model.model.rotary_emb.inv_freq, loaded.model.rotary_emb.inv_freq)
+    ids = torch.randint(0, 100, (1, 8))
+    torch.testing.assert_close(model(ids).logits, loaded(ids).logits)

@@ -1,0 +1,121 @@
+"""Peak resident memory of tools/convert_checkpoint.py against the size of the largest parent on disk.
+
+    python benchmarks/bench_convert_memory.py --hidden-size 1024 --num-layers 8 --methods import uniform cross width
+
+Writes two random Llama-shaped parents (safetensors, fp32, written tensor by
+tensor so this script stays small), runs each conversion in a fresh process
+and reads its peak RSS (`ru_maxrss` of the waited child; the dist_checkpointing
+writer's own helper processes are reported separately as the children's max).
+`baseline` is a process that only imports torch, Megatron-Core and
+megatron_jam: the part of the peak that does not depend on the model.
+Goal (issue 5): peak / largest parent <= 1.5 for a merge whose output is one
+parent's size (uniform). Results: docs/convert.md.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_parent(path: str, args, seed: int) -> int:
+    os.makedirs(path, exist_ok=True)
+    d, f, h, g, v = args.hidden_size, args.ffn_hidden_size, args.num_heads, args.num_kv_heads, args.vocab_size
+    hd = d // h
+    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=v, hidden_size=d,
+               intermediate_size=f, num_hidden_layers=args.num_layers, num_attention_heads=h,
+               num_key_value_heads=g, max_position_embeddings=4096, rms_norm_eps=1e-5,
+               tie_word_embeddings=False, hidden_act="silu")
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen) * 0.02  # noqa: E731
+    # One file per layer, as big HF checkpoints are sharded, plus an index.
+    weight_map = {}
+    files = {"model-embed.safetensors": {"model.embed_tokens.weight": rnd(v, d), "lm_head.weight": rnd(v, d),
+                                         "model.norm.weight": torch.ones(d)}}
+    for i in range(args.num_layers):
+        p = f"model.layers.{i}."
+        files[f"model-{i:05d}.safetensors"] = {
+            p + "self_attn.q_proj.weight": rnd(h * hd, d), p + "self_attn.k_proj.weight": rnd(g * hd, d),
+            p + "self_attn.v_proj.weight": rnd(g * hd, d), p + "self_attn.o_proj.weight": rnd(d, h * hd),
+            p + "mlp.gate_proj.weight": rnd(f, d), p + "mlp.up_proj.weight": rnd(f, d),
+            p + "mlp.down_proj.weight": rnd(d, f), p + "input_layernorm.weight": torch.ones(d),
+            p + "post_attention_layernorm.weight": torch.ones(d)}
+    for name, tensors in files.items():
+        save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map |= {k: name for k in tensors}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {}, "weight_map": weight_map}, fh)
+    return sum(os.path.getsize(os.path.join(path, n)) for n in files)
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[int, float]:
+    """(peak RSS in bytes of the child process, seconds)."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return usage.ru_maxrss * 1024, time.time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden-size", type=int, default=1024)
+    ap.add_argument("--ffn-hidden-size", type=int, default=2816)
+    ap.add_argument("--num-layers", type=int, default=8)
+    ap.add_argument("--num-heads", type=int, default=16)
+    ap.add_argument("--num-kv-heads", type=int, default=8)
+    ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--methods", nargs="+", default=["import", "uniform", "cross", "width"])
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--output", default=None, help="write the results as JSON")
+    args = ap.parse_args()
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
+    try:
+        sizes = [write_parent(os.path.join(work, n), args, seed) for n, seed in (("llm", 1), ("img", 2))]
+        largest = max(sizes)
+        base, _ = peak_rss_of([sys.executable, "-c", "import torch, megatron.core, megatron_jam"])
+        rows = []
+        tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
+        for m in args.methods:
+            out = os.path.join(work, f"out_{m}")
+            load = ["--load", os.path.join(work, "llm")] if m == "import" else \
+                ["--llm", os.path.join(work, "llm"), "--img", os.path.join(work, "img")]
+            peak, secs = peak_rss_of([sys.executable, tool, "--method", m, *load, "--save", out])
+            out_bytes = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
+            children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+            rows.append(dict(method=m, peak_rss_mb=peak / 2**20, ratio=peak / largest,
+                             ratio_net_of_baseline=(peak - base) / largest, output_mb=out_bytes / 2**20,
+                             seconds=round(secs, 1), max_child_rss_mb=children / 2**20))
+            shutil.rmtree(out)
+        result = dict(largest_parent_mb=largest / 2**20, baseline_rss_mb=base / 2**20, rows=rows,
+                      shape=vars(args) | {"workdir": None, "output": None})
+        print(f"largest parent on disk: {largest / 2**20:.0f} MB; import-only baseline RSS {base / 2**20:.0f} MB")
+        print(f"{'method':8} {'peak RSS MB':>12} {'peak/parent':>12} {'(peak-base)/parent':>19} {'output MB':>10} {'s':>6}")
+        for r in rows:
+            print(f"{r['method']:8} {r['peak_rss_mb']:12.0f} {r['ratio']:12.2f} {r['ratio_net_of_baseline']:19.2f} "
+                  f"{r['output_mb']:10.0f} {r['seconds']:6.1f}")
+        if args.output:
+            with open(args.output, "w") as fh:
+                json.dump(result, fh, indent=2)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Export a single-stack megatron-jam checkpoint (import, uniform, width) to Hugging Face format.
+
+The family comes from the checkpoint (`conversion.json`'s HF config, else
+`ParentConfig.family`); the HF config keeps the imported model's other fields
+(token ids, ...) and takes the shape from the checkpoint, so a JAM-Width model
+exports as a wider Llama/OPT. Tensors HF has and Megatron lacks (OPT's two
+offset position rows) come back from `hf_extra.safetensors`. Output:
+config.json + model.safetensors, written under a temporary name and renamed.
+Holds the model once (it is one stack).
+"""
+
+import json
+import os
+import shutil
+
+from megatron_jam.convert.checkpoint import ensure_single_rank
+from megatron_jam.convert.common import ConvertError, parent_parts
+from megatron_jam.convert.readers import FAMILIES, MegatronParent
+from megatron_jam.utils.logging import get_logger, log_rank0
+
+logger = get_logger(__name__)
+
+
+def export_hf(load: str, save: str) -> dict:
+    """Write `save`/config.json + model.safetensors from the checkpoint in `load`; returns the HF config."""
+    from safetensors.torch import save_file
+
+    if os.path.exists(save) and os.listdir(save):
+        raise ConvertError(f"--save {save} exists and is not empty; choose a new folder")
+    ensure_single_rank()
+    src = MegatronParent(load)
+    if src.hf_family not in FAMILIES:
+        raise ConvertError(f"{load}: no Hugging Face family for {src.hf_family!r}")
+    module = FAMILIES[src.hf_family]
+    hf_cfg = module.hf_config(src.cfg, src.vocab_size, src.tied, base=src.hf_config)
+    tensors = {}
+    for part in parent_parts(src.cfg):
+        tensors |= module.FAMILY.to_hf(src.read(part), src.cfg, src.tied)
+    tmp = f"{save.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2, sort_keys=True)
+        if os.path.exists(save):
+            os.rmdir(save)
+        os.rename(tmp, save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log_rank0(logger, "exported %s -> %s (%s)", load, save, hf_cfg["architectures"][0])
+    return hf_cfg

@@ -1,0 +1,131 @@
+"""The conversion driver behind tools/convert_checkpoint.py: parents -> method -> checkpoint.
+
+Memory: the writer holds the output model once; the parents are read one part
+(embedding, one layer, final) at a time and each part's converted tensors are
+copied into the output and dropped. Peak resident memory is therefore about
+the output model plus one layer of each parent (benchmarks/bench_convert_memory.py).
+"""
+
+import sys
+from dataclasses import dataclass
+
+import megatron_jam
+from megatron_jam.convert.checkpoint import CheckpointWriter, ensure_single_rank
+from megatron_jam.convert.common import OUT, ConvertError, parent_parts
+from megatron_jam.convert.cross import cross_config, cross_part
+from megatron_jam.convert.readers import open_parent
+from megatron_jam.convert.uniform import uniform_config, uniform_part
+from megatron_jam.convert.vocab import RULES, VocabPlan, check_tokenizers, plan_vocab
+from megatron_jam.convert.width import width_config, width_part
+from megatron_jam.models.config import ConfigError
+from megatron_jam.models.jam_gpt import JamGPTConfig, validate_model_parallel
+from megatron_jam.utils.logging import get_logger, log_rank0
+
+logger = get_logger(__name__)
+
+METHODS = ("import", "uniform", "width", "cross")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertOptions:
+    method: str
+    load: tuple[str, ...]
+    """Parent folders: one for import, (llm, img) otherwise."""
+    save: str
+    llm_weight: float = 0.5
+    width_init: str = "copy"
+    cross_every: int = 2
+    vocab_layout: str | None = None
+    text_vocab_size: int | None = None
+    seq_length: int | None = None
+    bf16: bool = False
+    target_tensor_parallel_size: int = 1
+    target_pipeline_parallel_size: int = 1
+    seed: int = 1234
+
+
+def convert(opts: ConvertOptions) -> dict:
+    """Run one conversion; returns the record written to conversion.json."""
+    if opts.method not in METHODS:
+        raise ConvertError(f"--method {opts.method!r} is not one of {METHODS}")
+    want = 1 if opts.method == "import" else 2
+    if len(opts.load) != want:
+        raise ConvertError(f"--method {opts.method} takes {want} parent folder(s) in --load, got {len(opts.load)}")
+    if not 0.0 <= opts.llm_weight <= 1.0:
+        raise ConvertError(f"--llm-weight {opts.llm_weight} must be in [0, 1]")
+    ensure_single_rank(opts.seed)
+    parents = [open_parent(p) for p in opts.load]
+    cfg, part_fn, record = _plan(opts, parents)
+    try:
+        validate_model_parallel(cfg, tp=opts.target_tensor_parallel_size, pp=opts.target_pipeline_parallel_size)
+    except ConfigError as e:
+        raise ConvertError(f"the converted model cannot run at the target layout: {e}") from e
+    keep = ("llm_cross.", "img_cross.", "fusion.") if opts.method == "cross" else ()
+    parts = parent_parts(parents[0].cfg)
+    with CheckpointWriter(cfg, opts.save, bf16=opts.bf16, keep_init=keep) as writer:
+        for part in _progress(parts):
+            writer.write(part_fn(part))
+            log_rank0(logger, "converted part %s of %d", part, len(parts) - 2)
+        writer.finish(record)
+    log_rank0(logger, "wrote %s (%s, %s)", opts.save, opts.method, type(cfg).__name__)
+    return record
+
+
+def _plan(opts: ConvertOptions, parents: list):
+    seq = opts.seq_length
+    record = {"method": opts.method, "parents": [p.source for p in parents],
+              "megatron_jam_version": megatron_jam.__version__}
+    if opts.method == "import":
+        (a,) = parents
+        cfg = JamGPTConfig(parent=a.cfg, vocab_size=a.vocab_size, share_embeddings_and_output_weights=a.tied,
+                           seq_length=seq or min(2048, a.cfg.max_position_embeddings))
+        record |= {"vocab": {"rule": RULES["import"], "vocab_size": a.vocab_size},
+                   "hf_config": a.hf_config}
+        return cfg, a.read, record
+    a, b = parents
+    layout = _layout(opts.vocab_layout)
+    check_tokenizers(a.tokenizer_identity(), b.tokenizer_identity(), layout)
+    plan = plan_vocab(a.vocab_size, b.vocab_size, layout, opts.text_vocab_size)
+    seq = seq or min(2048, a.cfg.max_position_embeddings, b.cfg.max_position_embeddings)
+    record |= {"vocab": plan.describe(opts.method)}
+    tied = a.tied and b.tied
+    if opts.method == "cross":
+        cfg = cross_config(a.cfg, b.cfg, plan, opts.cross_every, seq)
+        record |= {"cross_every": opts.cross_every}
+        return cfg, lambda part: cross_part(a.read(part), b.read(part), plan), record
+    record |= {"hf_config": {k: v for k, v in a.hf_config.items() if k.endswith("token_id")}
+               | {"model_type": a.cfg.family}}
+    if opts.method == "uniform":
+        cfg = uniform_config(a.cfg, b.cfg, plan, tied, seq)
+        record |= {"llm_weight": opts.llm_weight}
+        return cfg, lambda part: uniform_part(*_pair(a, b, part, tied), plan, opts.llm_weight), record
+    cfg = width_config(a.cfg, b.cfg, plan, tied, seq)
+    record |= {"width_init": opts.width_init}
+    return cfg, lambda part: width_part(*_pair(a, b, part, tied), a.cfg, plan, opts.width_init), record
+
+
+def _pair(a, b, part, tied: bool) -> tuple[dict, dict]:
+    """Both parents' part; an untied result gets a tied parent's input embedding as its output rows."""
+    sa, sb = a.read(part), b.read(part)
+    if part == "final" and not tied:
+        for reader, sd in ((a, sa), (b, sb)):
+            if OUT not in sd:
+                sd[OUT] = reader.output_rows()
+    return sa, sb
+
+
+def _layout(path: str | None):
+    if path is None:
+        return None
+    from megatron_jam.data.vocab import VocabLayout
+
+    return VocabLayout.from_json(path)
+
+
+def _progress(parts: list):
+    from tqdm import tqdm
+
+    return tqdm(parts, desc="convert", unit="part", file=sys.stderr, disable=not sys.stderr.isatty())
+
+
+__all__ = ["ConvertOptions", "METHODS", "VocabPlan", "convert"]

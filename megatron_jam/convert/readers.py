@@ -1,0 +1,167 @@
+"""Parents as streams of canonical parts: Hugging Face folders and megatron-jam checkpoints.
+
+Why parts: a 7B parent is 14-28 GB; a merge that loads both parents whole and
+then builds the output holds three models at once. A reader hands out one
+part at a time ('embedding', layer N, 'final') as a canonical Megatron dict
+(see `common`), reading only that part's tensors from disk: safetensors via
+`safe_open` (memory-mapped, no unpickling). megatron-jam checkpoints are
+read through Megatron-Core's `dist_checkpointing` (also no unpickling of
+tensors) into one TP=1 model, so that source is held whole (one parent).
+"""
+
+import hashlib
+import json
+import os
+
+from torch import Tensor
+
+from megatron_jam.convert import hf_llama, hf_opt
+from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError
+from megatron_jam.models.config import ParentConfig
+
+FAMILIES = {"llama": hf_llama, "opt": hf_opt}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+class HFParent:
+    """A Hugging Face `LlamaForCausalLM` / `OPTForCausalLM` folder: config.json + *.safetensors."""
+
+    def __init__(self, path: str):
+        self.path = path
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise ConvertError(f"{path}: no config.json (expected a Hugging Face model folder)")
+        with open(cfg_path) as f:
+            self.hf_config = json.load(f)
+        kind = self.hf_config.get("model_type")
+        if kind not in FAMILIES:
+            raise ConvertError(f"{cfg_path}: model_type={kind!r} is not one of {sorted(FAMILIES)}")
+        self.module = FAMILIES[kind]
+        self.cfg, self.vocab_size, self.tied = self.module.parent_config(self.hf_config, where=cfg_path)
+        self._files = _index_safetensors(path)
+
+    @property
+    def source(self) -> str:
+        return f"hf:{self.module.FAMILY.name}:{self.path}"
+
+    def read(self, part) -> dict[str, Tensor]:
+        """One part as canonical Megatron tensors (plus `hf_extra.*` where HF has more)."""
+        from safetensors import safe_open
+
+        keys = self.module.FAMILY.hf_keys(part, self.cfg, self.tied)
+        missing = [k for k in keys if k not in self._files]
+        if missing:
+            raise ConvertError(f"{self.path}: tensor {missing[0]} is missing from the safetensors files "
+                               f"(needed by {self.module.FAMILY.name}, part {part!r})")
+        hf = {}
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self._files[k], []).append(k)
+        for fname, names in by_file.items():
+            with safe_open(os.path.join(self.path, fname), framework="pt") as f:
+                hf |= {k: f.get_tensor(k) for k in names}
+        return self.module.FAMILY.to_megatron(hf, self.cfg, self.vocab_size, self.tied, where=self.path)
+
+    def output_rows(self) -> Tensor:
+        """The output embedding [V, d] (the input embedding when tied)."""
+        return self.read("embedding")[EMB] if self.tied else self.read("final")[OUT]
+
+    def tokenizer_identity(self) -> str:
+        """'sentencepiece:sha256:<16 hex>' (as VocabLayout.text_tokenizer) of the folder's tokenizer, or ''."""
+        return tokenizer_identity(self.path)
+
+    def nbytes_on_disk(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.path, f)) for f in set(self._files.values()))
+
+
+class MegatronParent:
+    """A megatron-jam single-stack checkpoint (model_config.json with model_type 'gpt')."""
+
+    def __init__(self, path: str):
+        from megatron_jam.convert.checkpoint import CONVERSION_FILE, load_state_on_one_rank, read_hf_extra
+        from megatron_jam.models.jam_gpt import JamGPTConfig, load_model_config
+
+        self.path = path
+        cfg = load_model_config(path)
+        if not isinstance(cfg, JamGPTConfig):
+            raise ConvertError(f"{path}: a JAM-Cross checkpoint cannot be a parent (model_type must be 'gpt')")
+        self.model_cfg = cfg
+        self.cfg: ParentConfig = cfg.parent
+        self.vocab_size, self.tied = cfg.vocab_size, cfg.share_embeddings_and_output_weights
+        self.state = load_state_on_one_rank(path, cfg)
+        self.extra = read_hf_extra(path)
+        record = os.path.join(path, CONVERSION_FILE)
+        self.hf_config = {}
+        if os.path.exists(record):
+            with open(record) as f:
+                self.hf_config = json.load(f).get("hf_config") or {}
+        self.hf_family = self.hf_config.get("model_type", self.cfg.family)
+
+    @property
+    def source(self) -> str:
+        return f"megatron-jam:{self.path}"
+
+    def read(self, part) -> dict[str, Tensor]:
+        from megatron_jam.convert.common import FINAL, POS, layer_prefix
+
+        v = self.vocab_size
+        if part == "embedding":
+            out = {EMB: self.state[EMB][:v]}
+            if POS in self.state:
+                out[POS] = self.state[POS]
+            return out | {k: t for k, t in self.extra.items() if k.startswith(HF_EXTRA)}
+        if part == "final":
+            out = {k: t for k, t in self.state.items() if k.startswith(FINAL)}
+            return out if self.tied else out | {OUT: self.state[OUT][:v]}
+        pre = layer_prefix(part)
+        return {k: t for k, t in self.state.items() if k.startswith(pre)}
+
+    def output_rows(self) -> Tensor:
+        return self.state[EMB][: self.vocab_size] if self.tied else self.state[OUT][: self.vocab_size]
+
+    def tokenizer_identity(self) -> str:
+        return tokenizer_identity(self.path)
+
+    def nbytes_on_disk(self) -> int:
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(self.path) for f in fs)
+
+
+def open_parent(path: str) -> HFParent | MegatronParent:
+    """A reader for `path`: megatron-jam checkpoint if it has model_config.json, else a HF folder."""
+    from megatron_jam.models.jam_gpt import MODEL_CONFIG_FILE
+
+    if not os.path.isdir(path):
+        raise ConvertError(f"{path}: no such folder")
+    if os.path.exists(os.path.join(path, MODEL_CONFIG_FILE)):
+        return MegatronParent(path)
+    return HFParent(path)
+
+
+def tokenizer_identity(path: str) -> str:
+    for name in TOKENIZER_FILES:
+        f = os.path.join(path, name)
+        if os.path.exists(f):
+            kind = "sentencepiece" if name.endswith(".model") else "hf-tokenizers"
+            with open(f, "rb") as fh:
+                return f"{kind}:sha256:{hashlib.sha256(fh.read()).hexdigest()[:16]}"
+    return ""
+
+
+def _index_safetensors(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file name (from model.safetensors.index.json, or by listing)."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return dict(json.load(f)["weight_map"])
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+        hint = f" (found {bins}: pickle files are never loaded; re-save with safetensors)" if bins else ""
+        raise ConvertError(f"{path}: no *.safetensors files{hint}")
+    out = {}
+    for fname in files:
+        with safe_open(os.path.join(path, fname), framework="pt") as f:
+            out |= {k: fname for k in f.keys()}
+    return out

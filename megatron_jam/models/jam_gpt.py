@@ -1,0 +1,180 @@
+"""Single-stack JAM models: an imported parent, JAM-Uniform and JAM-Width, as Megatron-Core `GPTModel`s.
+
+Why a config type of its own: JAM-Uniform (eq. 1) has a parent's shape and
+JAM-Width (eqs. 2-3) is a parent-family decoder of width d_llm + d_img with
+twice the heads (same head size), so all three are one decoder stack that
+`ParentConfig` describes. `JamGPTConfig` adds what a checkpoint needs on top
+(vocabulary, tied embeddings, sequence length) and is written as
+`model_config.json` with `"model_type": "gpt"` next to converted checkpoints;
+`load_model_config` reads either type, so the trainer, evaluator and
+generator never retype architecture flags.
+
+JAM-Width needs no special layers: the converter builds every fused weight in
+the logical (HF-like) layout, blockwise, and only then packs QKV into
+Megatron's grouped layout for 2G query groups, so the llm heads are query
+groups [0, G) and the image heads [G, 2G). Megatron's column-parallel split
+by query groups and its row-parallel split by input columns then keep every
+block whole on its TP rank (tests/test_convert.py checks TP=2 logits against
+TP=1).
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from torch import Tensor
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+from megatron_jam.models.builders import parent_transformer_config
+from megatron_jam.models.config import ConfigError, JamCrossConfig, ParentConfig, _check_div
+from megatron_jam.models.specs import block_spec, parent_layer_spec
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JamGPTConfig:
+    """One decoder stack: an imported parent, JAM-Uniform, or JAM-Width."""
+
+    parent: ParentConfig = field(default_factory=ParentConfig)
+    """Shape of the stack (JAM-Width: hidden, heads, groups and MLP width doubled)."""
+    vocab_size: int = 512
+    """Vocabulary rows used by data (unpadded)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this (independent of TP, so checkpoints reshard)."""
+    share_embeddings_and_output_weights: bool = True
+    """Tied input/output embedding (OPT, CM3leon: True; most Llamas: False)."""
+    seq_length: int = 2048
+    """Training sequence length."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def hidden_size(self) -> int:
+        return self.parent.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.parent.num_layers
+
+    def __post_init__(self):
+        if self.vocab_size < 1:
+            raise ConfigError(f"vocab_size={self.vocab_size} must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"model_type": "gpt"}
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JamGPTConfig":
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown JamGPTConfig fields: {unknown}")
+        return cls(**{**d, "parent": ParentConfig(**d["parent"])})
+
+    @classmethod
+    def from_json(cls, path: str) -> "JamGPTConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def validate_gpt_parallel(cfg: JamGPTConfig, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                          sequence_parallel: bool = False, seq_length: int | None = None) -> None:
+    """Check a parallel layout before process groups start; raise ConfigError naming the values."""
+    p = cfg.parent
+    _check_div("num_attention_heads", p.num_attention_heads, "tensor-model-parallel-size", tp)
+    _check_div("num_query_groups", p.query_groups, "tensor-model-parallel-size", tp)
+    _check_div("ffn_hidden_size", p.ffn_size, "tensor-model-parallel-size", tp)
+    _check_div("padded vocab size", cfg.padded_vocab_size, "tensor-model-parallel-size", tp)
+    stages = pp * (vpp or 1)
+    if cfg.num_layers % stages:
+        raise ConfigError(f"num_layers={cfg.num_layers} is not divisible by the pipeline stages "
+                          f"(pipeline-model-parallel-size={pp} x virtual stages={vpp or 1} = {stages})")
+    if sequence_parallel and tp == 1:
+        raise ConfigError("--sequence-parallel needs tensor-model-parallel-size > 1")
+    if sequence_parallel and seq_length is not None and seq_length % tp:
+        raise ConfigError(f"seq_length={seq_length} is not divisible by tensor-model-parallel-size={tp}")
+
+
+class JamGPTModel(GPTModel):
+    """Megatron-Core `GPTModel` built from a `JamGPTConfig` (the stage this rank holds).
+
+    Same constructor contract as `JamCrossModel`, so `build_model_chunks(JamGPTModel, cfg, ...)`
+    works; `forward(input_ids, position_ids, attention_mask=None, labels=None)` returns logits
+    `[b, s, V(/tp)]` or, with labels, the per-token loss `[b, s]`.
+    """
+
+    p2p_batch_multiplier = 1
+
+    def __init__(self, cfg: JamGPTConfig, pre_process: bool = True, post_process: bool = True,
+                 parallel_output: bool = True, use_te: bool = False, vp_stage: int | None = None, **parallel):
+        validate_gpt_parallel(cfg, parallel.get("tensor_model_parallel_size", 1),
+                              parallel.get("pipeline_model_parallel_size", 1),
+                              parallel.get("virtual_pipeline_model_parallel_size"),
+                              parallel.get("sequence_parallel", False))
+        p = cfg.parent
+        config = parent_transformer_config(p, **parallel)
+        n_local = get_num_layers_to_build(config, vp_stage, parallel_state.get_pipeline_model_parallel_rank())
+        super().__init__(
+            config=config,
+            transformer_layer_spec=block_spec(parent_layer_spec(p.learnable_norm, use_te), n_local,
+                                              p.learnable_norm),
+            vocab_size=cfg.padded_vocab_size,
+            max_sequence_length=p.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            position_embedding_type="rope" if p.family == "llama" else "learned_absolute",
+            rotary_base=p.rotary_base,
+            vp_stage=vp_stage,
+        )
+        self.cfg = cfg
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, **kwargs) -> Tensor:
+        """Causal masks are implicit (attention_mask=None), as in `JamCrossModel`."""
+        return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+
+
+def load_model_config(path: str) -> JamGPTConfig | JamCrossConfig:
+    """Read a model-config JSON (a file, or a checkpoint folder holding model_config.json)."""
+    import os
+
+    if os.path.isdir(path):
+        path = os.path.join(path, MODEL_CONFIG_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"model config {path}: no such file")
+    with open(path) as f:
+        d = json.load(f)
+    kind = d.get("model_type")
+    if kind == "gpt":
+        return JamGPTConfig.from_dict(d)
+    if kind == "jam_cross":
+        return JamCrossConfig.from_dict(d)
+    raise ConfigError(f"model config {path}: model_type={kind!r} is not one of 'gpt', 'jam_cross'")
+
+
+def model_class(cfg: JamGPTConfig | JamCrossConfig) -> type:
+    """The model class that builds `cfg` (for `build_model_chunks`)."""
+    if isinstance(cfg, JamGPTConfig):
+        return JamGPTModel
+    from megatron_jam.models.jam_cross import JamCrossModel
+
+    return JamCrossModel
+
+
+def validate_model_parallel(cfg: JamGPTConfig | JamCrossConfig, **layout) -> None:
+    """`validate_parallel` for either model type."""
+    from megatron_jam.models.config import validate_parallel
+
+    (validate_gpt_parallel if isinstance(cfg, JamGPTConfig) else validate_parallel)(cfg, **layout)

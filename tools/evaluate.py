@@ -1,0 +1,80 @@
+"""Perplexity of a megatron-jam checkpoint over all, text and image tokens of a dataset.
+
+    python tools/evaluate.py --load ckpt/cross --data-path shards/coco_val --seq-length 4096 \
+        --output results/cross_coco.json
+    torchrun --nproc-per-node 4 tools/evaluate.py --load ckpt/cross --data-path shards/wiki_val \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+
+Reads the architecture from the checkpoint's model_config.json (JAM-Cross or a
+single stack). Prints the result as JSON and writes it to --output. See tools/README.md.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="per-modality perplexity (paper: Wikipedia PPL, MS-COCO PPL)")
+    p.add_argument("--load", required=True, help="checkpoint folder (converted or trained)")
+    p.add_argument("--data-path", required=True, help="Megatron indexed dataset prefix (PREFIX.bin/.idx)")
+    p.add_argument("--seq-length", type=int, default=None, help="window length (default: the model config's)")
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--output", default=None, help="write the JSON result here (rank 0)")
+    return p
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    import torch.distributed as dist
+
+    from megatron_jam.convert.checkpoint import load_checkpoint
+    from megatron_jam.evaluation import perplexity
+    from megatron_jam.models.jam_gpt import load_model_config, model_class, validate_model_parallel
+    from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
+    from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
+
+    cfg = load_model_config(args.load)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    validate_model_parallel(cfg, tp=tp, pp=pp)  # before any process group
+    seq = args.seq_length or cfg.seq_length
+    initialize_distributed()
+    if dist.get_world_size() % (tp * pp):
+        raise ValueError(f"world size {dist.get_world_size()} is not divisible by TP x PP = {tp} x {pp}")
+    initialize_model_parallel(tp, pp)
+    chunks = build_model_chunks(model_class(cfg), cfg, parallel_kwargs(tp, pp, perform_initialization=False),
+                                wrap_ddp=False)
+    load_checkpoint(chunks, args.load)
+    result = perplexity(chunks, cfg.vocab_size, args.data_path, seq, args.micro_batch_size, args.max_windows)
+    return {"load": args.load, "data_path": args.data_path, "seq_length": seq,
+            "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp} | result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import megatron_jam  # noqa: F401  (CPU layer for Megatron-Core)
+    from megatron_jam.models.config import ConfigError
+    from megatron_jam.utils.logging import global_rank
+
+    try:
+        result = evaluate(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if global_rank() == 0:
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -113,11 +113,14 @@ class CheckpointWriter:
 
 
 def load_checkpoint(chunks: list, path: str) -> None:
-    """Load a dist_checkpointing checkpoint into this rank's model chunks (any TP/PP layout)."""
+    """Load a checkpoint's model weights into this rank's chunks (any TP/PP layout); `path` is a
+    converted checkpoint or a training `--save` directory (its latest complete iteration)."""
     from megatron.core import dist_checkpointing
 
     from megatron_jam.parallel.model import unwrap
+    from megatron_jam.training.checkpointing import resolve_checkpoint_dir
 
+    path, _ = resolve_checkpoint_dir(path)
     for chunk in chunks:
         m = unwrap(chunk)
         m.load_state_dict(dist_checkpointing.load(m.sharded_state_dict(), path))

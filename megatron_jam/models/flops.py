@@ -36,3 +36,10 @@ def jam_cross_flops_per_token(cfg: JamCrossConfig, seq_length: int) -> float:
     v, d = cfg.padded_vocab_size, cfg.hidden_size
     streams = sum(parent_flops_per_token(p, v, seq_length) - 6.0 * v * d for p in (cfg.llm, cfg.img))
     return streams + cross_blocks_flops_per_token(cfg, seq_length) + 6.0 * (2 * d * d + v * d)
+
+
+def model_flops_per_token(cfg, seq_length: int) -> float:
+    """Training FLOPs per token of a JAM-Cross or single-stack model (the MFU numerator)."""
+    if isinstance(cfg, JamCrossConfig):
+        return jam_cross_flops_per_token(cfg, seq_length)
+    return parent_flops_per_token(cfg.parent, cfg.padded_vocab_size, seq_length)

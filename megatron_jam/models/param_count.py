@@ -64,3 +64,10 @@ def table4_rows(vocab_size: int = 65536) -> dict[str, float]:
     for k in (1, 2, 4):
         rows[f"k={k}"] = jam_cross_params(JamCrossConfig(llm=p, img=p, vocab_size=vocab_size, cross_every=k))
     return {k: v / 1e9 for k, v in rows.items()}
+
+
+def model_params(cfg) -> int:
+    """Parameters of a JAM-Cross (`JamCrossConfig`) or single-stack (`JamGPTConfig`) model."""
+    if isinstance(cfg, JamCrossConfig):
+        return jam_cross_params(cfg)
+    return parent_params(cfg.parent, cfg.padded_vocab_size, cfg.share_embeddings_and_output_weights)

@@ -9,7 +9,8 @@ of a hang or a shape error on some rank.
 import argparse
 import os
 
-from megatron_jam.models.config import ConfigError, JamCrossConfig, validate_parallel
+from megatron_jam.models.config import ConfigError
+from megatron_jam.models.jam_gpt import load_model_config, validate_model_parallel
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "jam_cross_tiny.json")
 
@@ -18,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron_jam.pretrain", description="JAM-Cross continued pretraining")
     g = p.add_argument_group("model")
     g.add_argument("--model-config", default=None,
-                   help="model-config JSON (default: the embedded tiny JAM-Cross, examples/configs/jam_cross_tiny.json)")
+                   help="model-config JSON, JAM-Cross or single-stack (default: the model_config.json of --load, "
+                        "else the embedded tiny JAM-Cross, examples/configs/jam_cross_tiny.json)")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Megatron blend: PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (shards from "
                         "tools/preprocess_interleaved.py); without it, --mock-data")
     g.add_argument("--mock-data", action="store_true", help="synthetic interleaved documents (the default without --data-path)")
+    g.add_argument("--mock-data-samples", type=int, default=None,
+                   help="cycle over this many mock samples (= global batch size: train on one fixed batch)")
     g.add_argument("--split", default="969,30,1", help="train,valid,test document fractions of each prefix")
     g.add_argument("--valid-data-path", nargs="*", default=None,
                    help="extra validation sets, each NAME=PREFIX (e.g. text=wiki_valid image=coco_valid)")
@@ -83,7 +87,7 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
 
-def validate_args(args: argparse.Namespace) -> JamCrossConfig:
+def validate_args(args: argparse.Namespace):
     """Load the model config and check the run's layout; raise ConfigError naming the values."""
     path = args.model_config
     if path is None and args.load and os.path.exists(os.path.join(args.load, "model_config.json")):
@@ -91,7 +95,7 @@ def validate_args(args: argparse.Namespace) -> JamCrossConfig:
     path = path or os.path.normpath(TINY_CONFIG)
     if not os.path.exists(path):
         raise ConfigError(f"--model-config {path}: no such file")
-    cfg = JamCrossConfig.from_json(path)
+    cfg = load_model_config(path)
     args.model_config = path
     args.seq_length = args.seq_length or cfg.seq_length
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -103,7 +107,8 @@ def validate_args(args: argparse.Namespace) -> JamCrossConfig:
                               f" does not divide the {per_stage} layers of each pipeline stage")
         vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
     args.virtual_pipeline_model_parallel_size = vpp
-    validate_parallel(cfg, tp, pp, vpp, args.sequence_parallel, args.seq_length)
+    validate_model_parallel(cfg, tp=tp, pp=pp, vpp=vpp, sequence_parallel=args.sequence_parallel,
+                            seq_length=args.seq_length)
     world = _world_size()
     if world % (tp * pp):
         raise ConfigError(f"world size {world} is not divisible by tensor x pipeline = {tp} x {pp}")

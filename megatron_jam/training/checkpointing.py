@@ -43,6 +43,18 @@ def read_latest(root: str) -> int | None:
     return int(text)
 
 
+def resolve_checkpoint_dir(root: str, iteration: int | None = None) -> tuple[str, int | None]:
+    """The dist_checkpointing folder of `root`: `root` itself when it is one (what the converter
+    writes), else `root/iter_N` for the given or latest complete iteration N (what training writes)."""
+    if iteration is None and os.path.exists(os.path.join(root, "metadata.json")):
+        return root, None
+    iteration = read_latest(root) if iteration is None else iteration
+    if iteration is None:
+        raise FileNotFoundError(f"--load {root}: neither a checkpoint (metadata.json) nor a training "
+                                f"directory with {TRACKER}")
+    return checkpoint_dir(root, iteration), iteration
+
+
 def _rng_state() -> dict:
     state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
@@ -125,10 +137,7 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, loa
     A checkpoint that holds only a model (what `tools/convert_checkpoint.py` writes) is loaded
     that way automatically.
     """
-    iteration = read_latest(root) if iteration is None else iteration
-    if iteration is None:
-        raise FileNotFoundError(f"--load {root}: no {TRACKER}, so no complete checkpoint to load")
-    path = checkpoint_dir(root, iteration)
+    path, iteration = resolve_checkpoint_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(path)
     model_only = finetune or "opt_param_scheduler" not in common
     if model_only:

@@ -89,7 +89,8 @@ def build_data_sources(args, cfg) -> tuple[object, dict]:
     if not args.data_path:
         log_rank0(logger, "data: --mock-data (synthetic interleaved documents)")
         valid = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed + 1)
-        return MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed), {"valid": valid}
+        train = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed, num_samples=args.mock_data_samples)
+        return train, {"valid": valid}
     from megatron_jam.data.cm3_dataset import build_train_valid_test_datasets
     from megatron.core.datasets.utils import get_blend_from_list
 

@@ -23,9 +23,9 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_jam.models.flops import jam_cross_flops_per_token
-from megatron_jam.models.jam_cross import JamCrossModel
-from megatron_jam.models.param_count import jam_cross_params
+from megatron_jam.models.flops import model_flops_per_token
+from megatron_jam.models.jam_gpt import model_class
+from megatron_jam.models.param_count import model_params
 from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
 from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 from megatron_jam.parallel.schedule import forward_backward, lm_forward_step
@@ -122,21 +122,27 @@ class _Run:
 def _build(args, cfg):
     extra = {"fp8": args.fp8_format} if args.fp8_format else {}
     chunks = build_model_chunks(
-        JamCrossModel, cfg,
+        model_class(cfg), cfg,
         parallel_kwargs(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         args.virtual_pipeline_model_parallel_size, args.sequence_parallel, args.bf16, **extra),
         use_te=args.transformer_impl == "transformer_engine")
-    log_rank0(logger, "JAM-Cross: %.3fM parameters (k=%d); TP=%d PP=%d DP=%d SP=%s; %d micro-batches of %d",
-              jam_cross_params(cfg) / 1e6, cfg.cross_every, args.tensor_model_parallel_size,
+    log_rank0(logger, "%s: %.3fM parameters; TP=%d PP=%d DP=%d SP=%s; %d micro-batches of %d",
+              _describe(cfg), model_params(cfg) / 1e6, args.tensor_model_parallel_size,
               args.pipeline_model_parallel_size, args.data_parallel_size, args.sequence_parallel,
               args.num_microbatches, args.micro_batch_size)
     return chunks
 
 
+def _describe(cfg) -> str:
+    if hasattr(cfg, "cross_every"):
+        return f"JAM-Cross (k={cfg.cross_every})"
+    return f"single-stack GPT ({cfg.parent.family}, d={cfg.hidden_size})"
+
+
 def _record(run: _Run, losses: dict, grad_norm: float, dt: float) -> dict:
     a = run.args
     tokens = a.global_batch_size * a.seq_length
-    flops = jam_cross_flops_per_token(run.cfg, a.seq_length) * tokens
+    flops = model_flops_per_token(run.cfg, a.seq_length) * tokens
     world = torch.distributed.get_world_size()
     return {"iteration": run.iteration, "consumed_samples": run.consumed, "lm_loss": losses["lm_loss"],
             "text_loss": losses["text_loss"], "image_loss": losses["image_loss"],

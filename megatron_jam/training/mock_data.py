@@ -16,8 +16,9 @@ FANOUT = 4
 
 class MockInterleavedData:
     def __init__(self, vocab_size: int, seq_length: int, seed: int = 1234, image_fraction: float = 0.25,
-                 tokens_per_image: int = 16):
+                 tokens_per_image: int = 16, num_samples: int | None = None):
         self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
+        self.num_samples = num_samples
         self.text_vocab = int(vocab_size * (1 - image_fraction))
         self.break_id = self.text_vocab - 1  # a reserved marker at the end of the text range
         self.tokens_per_image = tokens_per_image
@@ -25,7 +26,9 @@ class MockInterleavedData:
         self.successors = torch.randint(0, vocab_size, (vocab_size, FANOUT), generator=g)
 
     def sample(self, index: int) -> torch.Tensor:
-        """seq_length + 1 tokens of sample `index`."""
+        """seq_length + 1 tokens of sample `index` (modulo `num_samples` if set)."""
+        if self.num_samples:
+            index %= self.num_samples
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         n = self.seq_length + 1
         choice = torch.randint(0, FANOUT, (n,), generator=g)

@@ -1,0 +1,158 @@
+"""Decode-time forward of a JAM model over new slots, reading and extending a `KVCache`.
+
+Why not call the layers' `forward`: a Megatron `TransformerLayer` computes
+attention over the keys of its input only (or through an inference context
+keyed by layer number, see kv_cache.py). Here each layer is run from its own
+submodules, in the order `TransformerLayer._forward_attention` runs them:
+
+    self-attention layer:  input_layernorm -> linear_qkv (get_query_key_value_tensors)
+                           -> RoPE -> [append K, V] -> core_attention -> linear_proj
+                           -> self_attn_bda -> _forward_mlp (pre_mlp_layernorm, mlp, mlp_bda)
+    cross block:           pre_cross_attn_layernorm -> linear_q(h), linear_kv(context)
+                           -> [append K, V] -> core_attention -> linear_proj
+                           -> cross_attn_bda -> _forward_mlp
+
+so the numerics are Megatron's own (same modules, same masked softmax with
+an explicit mask instead of the implicit causal one), tensor parallelism
+works unchanged (column-parallel QKV, heads split across TP, row-parallel
+projection), and only the attended keys change: the cached slots plus the new
+ones. The cross blocks' keys/values come from the *other* stream's hidden
+states entering parent layer l at the new slots (eq. 4), cached like
+self-attention's. Logits are computed for the last new slot only and
+gathered over TP ranks (`[b, V]` on every rank).
+
+Pipeline parallelism is not supported for generation (one stage must hold
+the whole model); `build_stepper` says so.
+"""
+
+import torch
+from megatron.core import tensor_parallel
+from torch import Tensor
+
+from megatron_jam.inference.kv_cache import KVCache, SlotTable
+
+
+def _rope_freqs(rotary, positions: Tensor, max_len: int) -> Tensor:
+    """RoPE angles at per-row positions `[n, b]` -> `[n, b, 1, dim]` (same table as the full forward)."""
+    table = rotary(max_len)[:, 0, 0, :]  # [max_len, dim]
+    return table[positions].unsqueeze(2)
+
+
+def self_attention_layer(layer, h: Tensor, cache: KVCache, name: str, start: int, mask: Tensor,
+                         rope: Tensor | None) -> Tensor:
+    """One parent (self-attention) `TransformerLayer` over new slots `h` `[n, b, d]`."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    attn = layer.self_attention
+    x = layer.input_layernorm(h)
+    q, k, v = attn.get_query_key_value_tensors(x, None)  # [n, b, np(/tp), hn], [n, b, ng(/tp), hn] x2
+    if rope is not None:
+        q = apply_rotary_pos_emb(q, rope, config=attn.config, cp_group=attn.pg_collection.cp)
+        k = apply_rotary_pos_emb(k, rope, config=attn.config, cp_group=attn.pg_collection.cp)
+    k, v = cache.store(name, start, k, v)  # [start + n, b, ng, hn]
+    out = attn.linear_proj(attn.core_attention(q, k, v, mask))  # [n, b, d] after the TP all-reduce
+    h = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(out, h, layer.hidden_dropout)
+    return layer._forward_mlp(h)
+
+
+def cross_attention_layer(layer, h: Tensor, context: Tensor, cache: KVCache, name: str, start: int,
+                          mask: Tensor) -> Tensor:
+    """One cross block: queries from `h`, keys/values from `context` (both `[n, b, d]`, new slots)."""
+    attn = layer.cross_attention
+    x = layer.pre_cross_attn_layernorm(h)
+    q, k, v = attn.get_query_key_value_tensors(x, context)  # [n, b, np(/tp), hn] x3
+    k, v = cache.store(name, start, k, v)
+    out = attn.linear_proj(attn.core_attention(q, k, v, mask))
+    h = layer.cross_attn_bda(layer.training, layer.config.bias_dropout_fusion)(out, h, layer.hidden_dropout)
+    return layer._forward_mlp(h)
+
+
+class _Stepper:
+    """Common part: mask, logits of the last new slot, vocabulary gather."""
+
+    def __init__(self, model, max_positions: int):
+        self.model = model
+        self.max_positions = max_positions
+
+    @torch.no_grad()
+    def step(self, slots: SlotTable, cache: KVCache, start: int, n: int) -> Tensor:
+        """Run slots [start, start+n) (already in `slots`); return full-vocabulary logits `[b, V_padded]`
+        of slot start+n-1 (float32)."""
+        tokens = slots.tokens[:, start:start + n]
+        positions = slots.positions[:, start:start + n]
+        mask = slots.attention_mask(start, n)
+        hidden = self._hidden(tokens, positions, cache, start, mask)[-1:]  # [1, b, d]
+        logits = self._logits(hidden)  # [1, b, V/tp]
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)  # [1, b, V]
+        return logits[0].float()
+
+    def _rope(self, rotary, positions: Tensor) -> Tensor | None:
+        if rotary is None:
+            return None
+        return _rope_freqs(rotary, positions.t(), self.max_positions)
+
+    def _output(self, hidden: Tensor) -> Tensor:
+        m = self.model
+        weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
+        return m.output_layer(hidden, weight=weight)[0]
+
+
+class GPTStepper(_Stepper):
+    """JamGPTModel (imported parent, JAM-Uniform, JAM-Width): Megatron `GPTModel` internals."""
+
+    def _hidden(self, tokens, positions, cache, start, mask) -> Tensor:
+        m = self.model
+        h = m.embedding(input_ids=tokens, position_ids=positions)  # [n, b, d]
+        rope = self._rope(getattr(m, "rotary_pos_emb", None) if m.position_embedding_type == "rope" else None,
+                          positions)
+        for i, layer in enumerate(m.decoder.layers):
+            h = self_attention_layer(layer, h, cache, f"decoder.{i}", start, mask, rope)
+        return m.decoder.final_layernorm(h)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        return self._output(hidden)
+
+
+class CrossStepper(_Stepper):
+    """JamCrossModel: two streams, cross blocks before every k-th parent layer, fusion linear."""
+
+    def _hidden(self, tokens, positions, cache, start, mask) -> Tensor:
+        m = self.model
+        h_llm, h_img = m.embedding(tokens, positions)  # [n, b, d] each
+        rope_llm = self._rope(getattr(m, "llm_rotary", None), positions)
+        rope_img = self._rope(getattr(m, "img_rotary", None), positions)
+        for i, (layer_llm, layer_img) in enumerate(zip(m.llm.layers, m.img.layers)):
+            if i in m._cross_slot:
+                j = m._cross_slot[i]
+                # Eq. 4 at the new slots; both directions read the states entering layer l.
+                h_llm, h_img = (
+                    cross_attention_layer(m.llm_cross.layers[j], h_llm, h_img, cache, f"llm_cross.{j}", start, mask),
+                    cross_attention_layer(m.img_cross.layers[j], h_img, h_llm, cache, f"img_cross.{j}", start, mask))
+            h_llm = self_attention_layer(layer_llm, h_llm, cache, f"llm.{i}", start, mask, rope_llm)
+            h_img = self_attention_layer(layer_img, h_img, cache, f"img.{i}", start, mask, rope_img)
+        return torch.cat([m.llm.final_layernorm(h_llm), m.img.final_layernorm(h_img)], dim=-1)  # [n, b, 2d]
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        d = hidden.shape[-1] // 2
+        return self._output(self.model.fusion(hidden[..., :d], hidden[..., d:]))
+
+
+def max_positions(cfg) -> int:
+    """Rows of the position tables (the hard context limit of the model)."""
+    parents = [cfg.parent] if hasattr(cfg, "parent") else [cfg.llm, cfg.img]
+    return min(p.max_position_embeddings for p in parents)
+
+
+def build_stepper(model, cfg) -> _Stepper:
+    """The stepper for a whole (single pipeline stage) model in eval mode."""
+    from megatron_jam.parallel.model import unwrap
+
+    model = unwrap(model)
+    if not (model.pre_process and model.post_process):
+        raise ValueError("generation needs the whole model on one pipeline stage: "
+                         "pipeline-model-parallel-size must be 1 (use tensor parallelism to split a large model)")
+    if model.config.sequence_parallel:
+        raise ValueError("generation runs without sequence parallelism; build the model with sequence_parallel=False")
+    model.eval()
+    cls = CrossStepper if hasattr(model, "llm_cross") else GPTStepper
+    return cls(model, max_positions(cfg))

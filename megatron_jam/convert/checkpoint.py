@@ -123,7 +123,10 @@ def load_checkpoint(chunks: list, path: str) -> None:
     path, _ = resolve_checkpoint_dir(path)
     for chunk in chunks:
         m = unwrap(chunk)
-        m.load_state_dict(dist_checkpointing.load(m.sharded_state_dict(), path))
+        wanted = m.sharded_state_dict()
+        loaded = dist_checkpointing.load(wanted, path)
+        # a training checkpoint's common state (optimizer groups, iteration, ...) comes back too
+        m.load_state_dict({k: loaded[k] for k in wanted})
 
 
 def load_state_on_one_rank(path: str, cfg) -> dict[str, Tensor]:

@@ -58,7 +58,7 @@ def _train_sentencepiece(texts: list[str], path: str) -> None:
     extra = [f"a picture of a {c} {o} ." for c in COLORS for o in OBJECTS]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts + extra), model_writer=model, vocab_size=64,
-                                   model_type="word", character_coverage=1.0, bos_id=-1, eos_id=1, unk_id=0,
+                                   hard_vocab_limit=False, model_type="word", character_coverage=1.0, bos_id=-1, eos_id=1, unk_id=0,
                                    pad_id=-1, minloglevel=2, num_threads=1)
     with open(path, "wb") as f:
         f.write(model.getvalue())

@@ -1,0 +1,34 @@
+# Sourced by the example scripts: install if needed, then run `python -m megatron_jam.pretrain`
+# under torchrun (one node) or srun (Slurm: one task per GPU, rank and master address from
+# Slurm's variables). Usage: launch ARG...
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -z "${JAM_SKIP_INSTALL:-}" ]; then bash scripts/install.sh; fi
+VENV=${JAM_VENV:-.venv}
+PY=python3
+[ "$VENV" != "none" ] && PY="$VENV/bin/python"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+launch() {
+  if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${JAM_NO_SRUN:-}" ]; then
+    export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+    export MASTER_PORT=${MASTER_PORT:-29500}
+    exec srun --kill-on-bad-exit=1 "$PY" -m megatron_jam.pretrain "$@"
+  fi
+  local nproc=${NPROC:-$(has_gpu && nvidia-smi -L | wc -l || echo 2)}
+  exec "$PY" -m torch.distributed.run --nproc_per_node "$nproc" -m megatron_jam.pretrain "$@"
+}
+
+# Paper section 3.1 (continued pretraining): lr 3e-5, 500 warm-up steps, 8M-token global batches
+# (2048 x 4096 tokens), sequence length 4096, about 5,960 steps.
+PAPER_PRETRAIN=(--seq-length 4096 --global-batch-size 2048 --micro-batch-size 1 --lr 3e-5 --min-lr 3e-6
+                --lr-warmup-iters 500 --lr-decay-style cosine --train-iters 5960 --weight-decay 0.1
+                --clip-grad 1.0 --log-interval 10 --save-interval 500 --eval-interval 500 --eval-iters 20)
+# Instruction tuning (section 3.1): lr 1e-5, 300 warm-up steps, 1M-token batches, no CM3.
+PAPER_INSTRUCT=(--seq-length 4096 --global-batch-size 256 --micro-batch-size 1 --lr 1e-5 --min-lr 1e-6
+                --lr-warmup-iters 300 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
+                --no-cm3 --finetune --log-interval 10 --save-interval 200)
+GPU_ARGS=()
+has_gpu && GPU_ARGS=(--bf16 --transformer-impl transformer_engine --use-distributed-optimizer)

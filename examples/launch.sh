@@ -31,4 +31,4 @@ PAPER_INSTRUCT=(--seq-length 4096 --global-batch-size 256 --micro-batch-size 1 -
                 --lr-warmup-iters 300 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
                 --no-cm3 --finetune --log-interval 10 --save-interval 200)
 GPU_ARGS=()
-has_gpu && GPU_ARGS=(--bf16 --transformer-impl transformer_engine --use-distributed-optimizer)
+if has_gpu; then GPU_ARGS=(--bf16 --transformer-impl transformer_engine --use-distributed-optimizer); fi

@@ -15,5 +15,5 @@ if [ $# -eq 0 ] && ! has_gpu; then
   exec env PY="$PY" bash examples/tiny/run_tiny_jam_cross.sh
 fi
 ARGS=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
-[ "${TP:-1}" -gt 1 ] && ARGS+=(--sequence-parallel)
+if [ "${TP:-1}" -gt 1 ]; then ARGS+=(--sequence-parallel); fi
 launch "${ARGS[@]}" "${PAPER_PRETRAIN[@]}" "${GPU_ARGS[@]}" "$@"

@@ -8,5 +8,5 @@
 source "$(dirname "$0")/launch.sh"
 if [ $# -eq 0 ]; then echo "usage: $0 --load CONVERTED_CHECKPOINT --save DIR --data-path ... [flags]" >&2; exit 2; fi
 ARGS=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}")
-[ "${TP:-1}" -gt 1 ] && ARGS+=(--sequence-parallel)
+if [ "${TP:-1}" -gt 1 ]; then ARGS+=(--sequence-parallel); fi
 launch "${ARGS[@]}" "${PAPER_PRETRAIN[@]}" "${GPU_ARGS[@]}" "$@"

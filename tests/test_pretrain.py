@@ -56,3 +56,12 @@ def test_bad_flags_fail_before_process_groups(argv, message, monkeypatch):
     with pytest.raises(ConfigError, match=message):
         validate_args(build_parser().parse_args(argv))
     assert not dist.is_initialized() or dist.get_world_size() == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU --bf16 is valid")
+def test_bf16_on_cpu_is_a_clear_error(monkeypatch):
+    from megatron_jam.training.arguments import build_parser, validate_args
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="--bf16 needs a GPU"):
+        validate_args(build_parser().parse_args(["--bf16"]))

@@ -9,6 +9,8 @@ of a hang or a shape error on some rank.
 import argparse
 import os
 
+import torch
+
 from megatron_jam.models.config import ConfigError
 from megatron_jam.models.jam_gpt import load_model_config, validate_model_parallel
 
@@ -123,6 +125,9 @@ def validate_args(args: argparse.Namespace):
         args.lr_decay_iters = args.train_iters
     if args.save:
         args.exit_signal_handler = True
+    if args.bf16 and not torch.cuda.is_available():
+        raise ConfigError("--bf16 needs a GPU: Megatron-Core's mixed-precision optimizer keeps CUDA tensors only; "
+                          "CPU runs train in fp32 (drop --bf16)")
     if args.fp8_format:
         from megatron_jam.models.specs import HAVE_TE
 

@@ -86,8 +86,43 @@ class ParentConfig:
             )
 
 
+class ModelConfigMixin:
+    """What every model config shares: the padded vocabulary and JSON (`model_config.json`).
+
+    Subclasses set `MODEL_TYPE` and `PARENT_FIELDS` (fields holding a `ParentConfig`).
+    """
+
+    MODEL_TYPE = ""
+    PARENT_FIELDS: tuple[str, ...] = ()
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"model_type": self.MODEL_TYPE}
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**{**d, **{k: ParentConfig(**d[k]) for k in cls.PARENT_FIELDS if k in d}})
+
+    @classmethod
+    def from_json(cls, path: str):
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
 @dataclass(frozen=True, kw_only=True)
-class JamCrossConfig:
+class JamCrossConfig(ModelConfigMixin):
     """JAM-Cross (paper section 2.1.3): two parent streams, bidirectional cross blocks every k layers."""
 
     llm: ParentConfig = field(default_factory=ParentConfig)
@@ -109,10 +144,8 @@ class JamCrossConfig:
     seq_length: int = 128
     """Training sequence length."""
 
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.make_vocab_size_divisible_by
-        return ((self.vocab_size + m - 1) // m) * m
+    MODEL_TYPE = "jam_cross"
+    PARENT_FIELDS = ("llm", "img")
 
     @property
     def hidden_size(self) -> int:
@@ -142,27 +175,6 @@ class JamCrossConfig:
     def __post_init__(self):
         validate_fusion(self)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"model_type": "jam_cross"}
-
-    def to_json(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "JamCrossConfig":
-        d = {k: v for k, v in d.items() if k != "model_type"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown JamCrossConfig fields: {unknown}")
-        return cls(**{**d, "llm": ParentConfig(**d["llm"]), "img": ParentConfig(**d["img"])})
-
-    @classmethod
-    def from_json(cls, path: str) -> "JamCrossConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
 
 def validate_fusion(cfg: JamCrossConfig) -> None:
     """Parent shapes that JAM-Cross cannot fuse, each a ConfigError naming both values."""
@@ -183,14 +195,15 @@ def validate_fusion(cfg: JamCrossConfig) -> None:
         raise ConfigError(f"vocab_size={cfg.vocab_size} must be positive")
 
 
-def validate_parallel(cfg: JamCrossConfig, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                      sequence_parallel: bool = False, seq_length: int | None = None) -> None:
-    """Check a parallel layout before process groups start; raise ConfigError naming the values."""
-    for name, p in (("llm", cfg.llm), ("img", cfg.img)):
-        _check_div(f"{name}.num_attention_heads", p.num_attention_heads, "tensor-model-parallel-size", tp)
-        _check_div(f"{name}.num_query_groups", p.query_groups, "tensor-model-parallel-size", tp)
-        _check_div(f"{name}.ffn_hidden_size", p.ffn_size, "tensor-model-parallel-size", tp)
-    _check_div("cross_ffn_hidden_size", cfg.cross_ffn_size, "tensor-model-parallel-size", tp)
+def validate_stack(cfg, parents: dict[str, ParentConfig], tp: int = 1, pp: int = 1, vpp: int | None = None,
+                   sequence_parallel: bool = False, seq_length: int | None = None) -> int:
+    """Layout checks every model shares (TP divisibility of each stack and the vocabulary,
+    pipeline stages, sequence parallelism); returns the layers per pipeline stage."""
+    for name, p in parents.items():
+        prefix = f"{name}." if name else ""
+        _check_div(f"{prefix}num_attention_heads", p.num_attention_heads, "tensor-model-parallel-size", tp)
+        _check_div(f"{prefix}num_query_groups", p.query_groups, "tensor-model-parallel-size", tp)
+        _check_div(f"{prefix}ffn_hidden_size", p.ffn_size, "tensor-model-parallel-size", tp)
     _check_div("padded vocab size", cfg.padded_vocab_size, "tensor-model-parallel-size", tp)
     stages = pp * (vpp or 1)
     if cfg.num_layers % stages:
@@ -198,16 +211,24 @@ def validate_parallel(cfg: JamCrossConfig, tp: int = 1, pp: int = 1, vpp: int | 
             f"num_layers={cfg.num_layers} is not divisible by the pipeline stages "
             f"(pipeline-model-parallel-size={pp} x virtual stages={vpp or 1} = {stages})"
         )
-    per_stage = cfg.num_layers // stages
-    if per_stage % cfg.cross_every:
-        raise ConfigError(
-            f"each pipeline stage holds {per_stage} layers (num_layers={cfg.num_layers} / {stages} stages), "
-            f"not a multiple of cross_every={cfg.cross_every}: cross blocks would straddle stages"
-        )
     if sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs tensor-model-parallel-size > 1")
     if sequence_parallel and seq_length is not None and seq_length % tp:
         raise ConfigError(f"seq_length={seq_length} is not divisible by tensor-model-parallel-size={tp}")
+    return cfg.num_layers // stages
+
+
+def validate_parallel(cfg: JamCrossConfig, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                      sequence_parallel: bool = False, seq_length: int | None = None) -> None:
+    """Check a JAM-Cross layout before process groups start; raise ConfigError naming the values."""
+    per_stage = validate_stack(cfg, {"llm": cfg.llm, "img": cfg.img}, tp, pp, vpp, sequence_parallel, seq_length)
+    _check_div("cross_ffn_hidden_size", cfg.cross_ffn_size, "tensor-model-parallel-size", tp)
+    if per_stage % cfg.cross_every:
+        raise ConfigError(
+            f"each pipeline stage holds {per_stage} layers (num_layers={cfg.num_layers} / "
+            f"{cfg.num_layers // per_stage} stages), not a multiple of cross_every={cfg.cross_every}: "
+            f"cross blocks would straddle stages"
+        )
 
 
 def _check_div(what: str, value: int, by_name: str, by: int) -> None:

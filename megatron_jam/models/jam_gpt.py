@@ -18,7 +18,6 @@ block whole on its TP rank (tests/test_convert.py checks TP=2 logits against
 TP=1).
 """
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -28,14 +27,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
 from megatron_jam.models.builders import parent_transformer_config
-from megatron_jam.models.config import ConfigError, JamCrossConfig, ParentConfig, _check_div
+from megatron_jam.models.config import ConfigError, JamCrossConfig, ModelConfigMixin, ParentConfig, validate_stack
 from megatron_jam.models.specs import block_spec, parent_layer_spec
 
 MODEL_CONFIG_FILE = "model_config.json"
 
 
 @dataclass(frozen=True, kw_only=True)
-class JamGPTConfig:
+class JamGPTConfig(ModelConfigMixin):
     """One decoder stack: an imported parent, JAM-Uniform, or JAM-Width."""
 
     parent: ParentConfig = field(default_factory=ParentConfig)
@@ -49,10 +48,8 @@ class JamGPTConfig:
     seq_length: int = 2048
     """Training sequence length."""
 
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.make_vocab_size_divisible_by
-        return ((self.vocab_size + m - 1) // m) * m
+    MODEL_TYPE = "gpt"
+    PARENT_FIELDS = ("parent",)
 
     @property
     def hidden_size(self) -> int:
@@ -66,43 +63,11 @@ class JamGPTConfig:
         if self.vocab_size < 1:
             raise ConfigError(f"vocab_size={self.vocab_size} must be positive")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"model_type": "gpt"}
-
-    def to_json(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "JamGPTConfig":
-        d = {k: v for k, v in d.items() if k != "model_type"}
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown JamGPTConfig fields: {unknown}")
-        return cls(**{**d, "parent": ParentConfig(**d["parent"])})
-
-    @classmethod
-    def from_json(cls, path: str) -> "JamGPTConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
 
 def validate_gpt_parallel(cfg: JamGPTConfig, tp: int = 1, pp: int = 1, vpp: int | None = None,
                           sequence_parallel: bool = False, seq_length: int | None = None) -> None:
     """Check a parallel layout before process groups start; raise ConfigError naming the values."""
-    p = cfg.parent
-    _check_div("num_attention_heads", p.num_attention_heads, "tensor-model-parallel-size", tp)
-    _check_div("num_query_groups", p.query_groups, "tensor-model-parallel-size", tp)
-    _check_div("ffn_hidden_size", p.ffn_size, "tensor-model-parallel-size", tp)
-    _check_div("padded vocab size", cfg.padded_vocab_size, "tensor-model-parallel-size", tp)
-    stages = pp * (vpp or 1)
-    if cfg.num_layers % stages:
-        raise ConfigError(f"num_layers={cfg.num_layers} is not divisible by the pipeline stages "
-                          f"(pipeline-model-parallel-size={pp} x virtual stages={vpp or 1} = {stages})")
-    if sequence_parallel and tp == 1:
-        raise ConfigError("--sequence-parallel needs tensor-model-parallel-size > 1")
-    if sequence_parallel and seq_length is not None and seq_length % tp:
-        raise ConfigError(f"seq_length={seq_length} is not divisible by tensor-model-parallel-size={tp}")
+    validate_stack(cfg, {"": cfg.parent}, tp, pp, vpp, sequence_parallel, seq_length)
 
 
 class JamGPTModel(GPTModel):

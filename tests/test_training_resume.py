@@ -157,11 +157,11 @@ def test_sigterm_checkpoints_and_exits(pool2, tmp_path):
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "4"
 
 
-def _layout_curve_body(root: str, layout: list):
+def _layout_curve_body(init: str, layout: list):
     from megatron_jam.training.loop import main
 
-    init = root + "/init"
-    main(TP1 + ["--train-iters", "0", "--save", init])  # TP=1 initial weights, iteration 0
+    if not os.path.exists(os.path.join(init, "latest_checkpointed_iteration.txt")):
+        main(TP1 + ["--train-iters", "0", "--save", init])  # TP=1 initial weights, iteration 0 (first call)
     return _losses(main(TP1 + ["--train-iters", "5", "--load", init, "--finetune"] + layout))
 
 
@@ -171,7 +171,7 @@ def test_tp2_and_pp2_give_the_per_step_losses_of_tp1(pool2, tmp_path):
     for name, layout in {"tp1": [], "tp2": ["--tensor-model-parallel-size", "2"],
                          "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                          "pp2": ["--pipeline-model-parallel-size", "2"]}.items():
-        per_rank = pool2.run(_layout_curve_body, str(tmp_path / name), layout)
+        per_rank = pool2.run(_layout_curve_body, str(tmp_path / "init"), layout)
         curves[name] = next(c for c in per_rank if not math.isnan(c[0]))
     ref = curves["tp1"]
     assert ref[-1] < ref[0]

@@ -23,17 +23,18 @@ def _losses(history):
     return [r["lm_loss"] for r in history]
 
 
-def _resume_body(root: str):
+def _resume_body(root: str, extra: list):
     from megatron_jam.training.loop import main
 
-    full = _losses(main(BASE + ["--train-iters", "10", "--save", f"{root}/full", "--save-interval", "5"]))
-    main(BASE + ["--train-iters", "5", "--save", f"{root}/part"])
-    resumed = main(BASE + ["--train-iters", "10", "--load", f"{root}/part", "--save", f"{root}/part"])
+    full = _losses(main(BASE + extra + ["--train-iters", "10", "--save", f"{root}/full", "--save-interval", "5"]))
+    main(BASE + extra + ["--train-iters", "5", "--save", f"{root}/part"])
+    resumed = main(BASE + extra + ["--train-iters", "10", "--load", f"{root}/part", "--save", f"{root}/part"])
     return full, _losses(resumed), [r["iteration"] for r in resumed]
 
 
-def test_resume_is_bit_identical(pool2, tmp_path):
-    full, resumed, iterations = _last_stage(pool2.run(_resume_body, str(tmp_path)))
+@pytest.mark.parametrize("extra", [[], ["--async-save"]], ids=["sync-save", "async-save"])
+def test_resume_is_bit_identical(pool2, tmp_path, extra):
+    full, resumed, iterations = _last_stage(pool2.run(_resume_body, str(tmp_path), extra))
     assert iterations == [6, 7, 8, 9, 10]
     assert resumed == full[5:], (full, resumed)  # exact equality, fp32 on CPU
     lines = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
@@ -42,6 +43,7 @@ def test_resume_is_bit_identical(pool2, tmp_path):
     for key in ("iteration", "lm_loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_sec"):
         assert key in train[0]
     assert (tmp_path / "full" / "model_config.json").exists()
+    assert (tmp_path / "full" / "latest_checkpointed_iteration.txt").read_text() == "10"
 
 
 def _last_stage(per_rank):

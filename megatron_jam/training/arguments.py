@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", default=None, help="resume from the latest complete checkpoint in this directory")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints from background processes; `latest` moves once all ranks finished")
     g.add_argument("--finetune", action="store_true",
                    help="load model weights only (no optimizer, scheduler, RNG or iteration), as Megatron-LM")
     g.add_argument("--exit-signal-handler", action="store_true",

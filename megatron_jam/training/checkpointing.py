@@ -9,6 +9,7 @@ architecture; `<save>/latest_checkpointed_iteration.txt` names the newest
 writing, so a crash during a save leaves the previous checkpoint as `latest`.
 """
 
+import functools
 import json
 import os
 import random
@@ -99,8 +100,14 @@ def _sharded_state(chunks, optimizer, scheduler, loading: bool) -> dict:
 
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks: list, optimizer=None,
-                    scheduler=None, model_config: dict | None = None, args: dict | None = None) -> str:
-    """Save everything needed to resume; update `latest` only once the checkpoint is complete."""
+                    scheduler=None, model_config: dict | None = None, args: dict | None = None,
+                    async_queue=None) -> str:
+    """Save everything needed to resume; update `latest` only once the checkpoint is complete.
+
+    With `async_queue` (a Megatron `AsyncCallsQueue`, `--async-save`) the tensors are written by
+    background processes while training goes on; `latest` is updated by the request's finalize
+    step, which Megatron runs on every rank only after all ranks finished writing.
+    """
     path = checkpoint_dir(root, iteration)
     if dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
@@ -109,15 +116,27 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks: li
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
     state["args"] = json.dumps(args or {}, default=str, sort_keys=True)
+    publish = functools.partial(_publish, root, path, iteration, consumed_samples, model_config)
+    if async_queue is not None:
+        request = dist_checkpointing.save(state, path, async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
+        log_rank0(logger, "saving checkpoint %s in the background (iteration %d)", path, iteration)
+        return path
     dist_checkpointing.save(state, path)
     dist.barrier()  # every rank has finished writing
+    publish()
+    dist.barrier()
+    return path
+
+
+def _publish(root: str, path: str, iteration: int, consumed_samples: int, model_config: dict | None) -> None:
+    """Mark a complete checkpoint as `latest` (rank 0 writes; called once all ranks finished writing)."""
     if dist.get_rank() == 0:
         if model_config is not None:
             _write_atomic(os.path.join(root, MODEL_CONFIG), json.dumps(model_config, indent=2, sort_keys=True))
         _write_atomic(os.path.join(root, TRACKER), str(iteration))
-    dist.barrier()
     log_rank0(logger, "saved checkpoint %s (iteration %d, %d samples consumed)", path, iteration, consumed_samples)
-    return path
 
 
 def _write_atomic(path: str, text: str) -> None:

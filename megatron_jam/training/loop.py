@@ -112,11 +112,23 @@ class _Run:
         self.iteration = self.consumed = 0
         self.skipped_total = self.skipped_in_row = 0
         self.history: list[dict] = []
+        self.async_queue = None
+        if args.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
 
     def save(self) -> None:
         if self.args.save:
             save_checkpoint(self.args.save, self.iteration, self.consumed, self.chunks, self.opt, self.sched,
-                            model_config=self.cfg.to_dict(), args=vars(self.args))
+                            model_config=self.cfg.to_dict(), args=vars(self.args), async_queue=self.async_queue)
+
+    def finalize_saves(self, blocking: bool) -> None:
+        """Publish finished background saves (all of them when `blocking`)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+            if blocking:
+                self.async_queue.close()
 
 
 def _build(args, cfg):
@@ -191,6 +203,7 @@ def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
     sigterm = SigtermFlag() if args.exit_signal_handler else None
     try:
         _loop(run, data, valid_sets, writer, sigterm, forward_step_func)
+        run.finalize_saves(blocking=True)
     finally:
         writer.close()
         if sigterm:
@@ -201,12 +214,14 @@ def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
 def _loop(run: _Run, data, valid_sets: dict, writer, sigterm, forward_step_func) -> None:
     a = run.args
     while run.iteration < a.train_iters:
+        run.finalize_saves(blocking=False)
         record = _train_step(run, data, forward_step_func)
         run.history.append(record)
         if run.iteration % a.log_interval == 0:
             writer.write(record, format_line(record, a.train_iters))
         if run.skipped_in_row >= a.max_skipped_steps:
             run.save()
+            run.finalize_saves(blocking=True)
             raise TrainingStopped(f"{run.skipped_in_row} non-finite steps in a row (--max-skipped-steps="
                                   f"{a.max_skipped_steps}) at iteration {run.iteration}; "
                                   f"{'checkpoint saved to ' + a.save if a.save else 'no --save given'}")

@@ -27,10 +27,10 @@ from megatron_jam.data.documents import IMAGE, IMAGE_TOKENS, TEXT, BatchAccumula
 from megatron_jam.data.image_tokenizer import ImageError, VQImageTokenizer
 from megatron_jam.data.indexed_builder import IndexedDatasetBuilder
 from megatron_jam.data.instruct import DEFAULT_LOSS_ROLES, build_instruct_sequences, instruction_turns, loss_mask_path
-from megatron_jam.data.vocab import VocabLayoutError, layout_path
+from megatron_jam.data.vocab import layout_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from preprocess_interleaved import RejectLog, build_layout, expand_inputs, reject  # noqa: E402
+from preprocess_interleaved import RejectLog, open_inputs, reject  # noqa: E402
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -74,17 +74,10 @@ class InstructEncoder:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_args(argv)
-    try:
-        import sentencepiece
-
-        files = expand_inputs(args.input)
-        sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer_model)
-        vq = VQImageTokenizer(args.image_tokenizer) if args.image_tokenizer else None
-        layout = build_layout(args, sp, vq)
-    except (ValueError, OSError, VocabLayoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    opened = open_inputs(args)
+    if opened is None:
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    files, sp, vq, layout = opened
     layout.to_json(layout_path(args.output_prefix))
     encoder, acc, flags = InstructEncoder(sp, vq, layout, args.loss_roles), BatchAccumulator(layout), []
     rejects = RejectLog(args.output_prefix)

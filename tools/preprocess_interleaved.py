@@ -374,8 +374,9 @@ def summarize(totals: Dict[str, Any], rejects: RejectLog, shards: List[str], fil
             "inputs": files, "outputs": shards, "rejects_file": rejects.path}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = get_args(argv)
+def open_inputs(args):
+    """(input files, sentencepiece processor, VQ tokenizer or None, layout); prints and returns None
+    on a bad flag or file (the caller exits 2). Shared with tools/preprocess_instruct.py."""
     try:
         import sentencepiece
 
@@ -385,8 +386,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         layout = build_layout(args, sp, vq)
     except (ValueError, OSError, VocabLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return None
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    return files, sp, vq, layout
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_args(argv)
+    opened = open_inputs(args)
+    if opened is None:
+        return 2
+    files, sp, vq, layout = opened
     config = {"tokenizer_model": args.tokenizer_model, "image_tokenizer": args.image_tokenizer,
               "layout": layout.to_dict(), "json_keys": args.json_keys}
     layout.to_json(layout_path(args.output_prefix))  # first: shards finished before an interruption are usable

@@ -13,6 +13,8 @@ import os
 
 from PIL import Image, ImageDraw
 
+from megatron_jam.utils.logging import get_logger
+
 W, H, PAD = 900, 520, 60
 SERIES = (("lm_loss", (31, 119, 180), "loss (all tokens)"), ("text_loss", (44, 160, 44), "text targets"),
           ("image_loss", (214, 39, 40), "image targets"), ("valid_lm_loss", (0, 0, 0), "validation"))
@@ -72,4 +74,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    print(main())
+    get_logger(__name__).info("%s", main())

@@ -16,6 +16,8 @@ import json
 import os
 import random
 
+from megatron_jam.utils.logging import get_logger
+
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
 OBJECTS = ["cat", "dog", "bird", "car", "tree", "house", "boat", "cup"]
 VERBS = ["sits on", "runs to", "looks at", "stands near", "jumps over", "sleeps under"]
@@ -75,4 +77,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main()))
+    get_logger(__name__).info("%s", json.dumps(main()))

@@ -1,0 +1,185 @@
+"""Generate interleaved text-and-image documents with a JAM checkpoint (paper section 3.1 decoding).
+
+    python tools/generate_interleaved.py --load ckpt/cross --vocab-layout shards/mix.vocab.json \
+        --tokenizer-model llama/tokenizer.model --image-tokenizer checkpoints/janus_vq \
+        --prompt "How to brew green tea?" --cfg-scale 3.5 --top-p 0.9 --image-top-p 0.9 --output out/
+    torchrun --nproc-per-node 2 tools/generate_interleaved.py --load ckpt/cross ... \
+        --prompts-file prompts.jsonl --tensor-model-parallel-size 2 --output out/
+
+Writes, per prompt, NAME.html and NAME.md (text with the images inline), NAME.json
+(raw ids and segment boundaries) and NAME_imgK.png. Every input is checked before
+any generation (exit code 2). See tools/README.md and docs/generation.md.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="mixed-modal generation with classifier-free guidance")
+    p.add_argument("--load", required=True, help="checkpoint folder (converted or trained)")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    p.add_argument("--prompts-file", help='JSON Lines: {"prompt": TEXT} or {"prompt_ids": [ids]}, '
+                                          'optional "name", "start_with_image"')
+    p.add_argument("--vocab-layout", help="the dataset's PREFIX.vocab.json (default: vocab_layout.json in --load)")
+    p.add_argument("--tokenizer-model", help="sentencepiece model (needed for text prompts and readable text)")
+    p.add_argument("--image-tokenizer", help="VQ tokenizer folder; images are decoded when it has a decoder")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--cfg-scale", type=float, default=3.5, help="alpha of eq. 6 for image tokens; 1 = off")
+    g.add_argument("--temperature", type=float, default=1.0, help="text tokens; 0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.9, help="text nucleus")
+    g.add_argument("--image-temperature", type=float, default=1.0, help="image tokens; 0 = greedy")
+    g.add_argument("--image-top-p", type=float, default=0.9, help="image nucleus")
+    g.add_argument("--greedy", action="store_true", help="temperature 0 for text and images")
+    g.add_argument("--max-new-tokens", type=int, default=1536)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--start-with-image", action="store_true", help="append <break>: every prompt starts an image")
+    g.add_argument("--context-length", type=int, help="default: the model's seq_length")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    g.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix every token (slow)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="must be 1 for generation")
+    p.add_argument("--output", required=True, help="folder for the documents")
+    p.add_argument("--no-progress-bar", action="store_true")
+    return p
+
+
+def read_prompts(args) -> list[dict]:
+    """[{"name", "text" or None, "ids" or None, "start_with_image"}] from --prompt and --prompts-file."""
+    items = [{"text": t} for t in args.prompt]
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.prompts_file}:{n}: invalid JSON ({e})") from e
+                if not isinstance(rec, dict) or not ({"prompt", "prompt_ids"} & set(rec)):
+                    raise ValueError(f'{args.prompts_file}:{n}: expected {{"prompt": TEXT}} or {{"prompt_ids": [...]}}')
+                items.append({"text": rec.get("prompt"), "ids": rec.get("prompt_ids"), "name": rec.get("name"),
+                              "start_with_image": bool(rec.get("start_with_image", False))})
+    if not items:
+        raise ValueError("give --prompt TEXT or --prompts-file FILE")
+    for i, it in enumerate(items):
+        it.setdefault("ids", None)
+        it["name"] = it.get("name") or f"prompt_{i:04d}"
+        it["start_with_image"] = it.get("start_with_image", False) or args.start_with_image
+    return items
+
+
+def encode_prompts(items: list[dict], sp, layout) -> None:
+    for it in items:
+        if it["ids"] is None:
+            if sp is None:
+                raise ValueError(f"{it['name']}: a text prompt needs --tokenizer-model")
+            it["ids"] = sp.encode(it["text"], out_type=int)
+        it["ids"] = [int(t) for t in it["ids"]]
+        if it["start_with_image"] and (not it["ids"] or it["ids"][-1] != layout.break_id):
+            it["ids"].append(layout.break_id)
+
+
+def setup(args):
+    """Everything that can fail, checked before the model is built: returns (cfg, layout, sp, vq, items)."""
+    from megatron_jam.inference.loading import (check_checkpoint_layout, load_image_tokenizer, load_text_tokenizer,
+                                                resolve_layout)
+    from megatron_jam.inference.sampling import SamplingParams
+    from megatron_jam.models.jam_gpt import load_model_config, validate_model_parallel
+
+    params = sampling_params(args, SamplingParams)
+    if args.pipeline_model_parallel_size != 1:
+        raise ValueError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: generation needs "
+                         "the whole model on one stage; use --tensor-model-parallel-size")
+    cfg = load_model_config(args.load)
+    validate_model_parallel(cfg, tp=args.tensor_model_parallel_size, pp=1)
+    layout = resolve_layout(args.load, args.vocab_layout)
+    check_checkpoint_layout(args.load, cfg, layout)
+    sp = load_text_tokenizer(args.tokenizer_model, layout) if args.tokenizer_model else None
+    vq = load_image_tokenizer(args.image_tokenizer, layout) if args.image_tokenizer else None
+    items = read_prompts(args)
+    encode_prompts(items, sp, layout)
+    from megatron_jam.inference.stepper import max_positions
+
+    context = args.context_length or min(cfg.seq_length, max_positions(cfg))
+    if context > max_positions(cfg):
+        raise ValueError(f"--context-length {context} > the model's position table ({max_positions(cfg)} rows)")
+    for it in items:
+        layout.check_ids(it["ids"], it["name"])
+        if len(it["ids"]) >= context:
+            raise ValueError(f"{it['name']}: the prompt has {len(it['ids'])} tokens but the context holds "
+                             f"{context} (at least one new token must fit)")
+    return cfg, layout, sp, vq, items, params, context
+
+
+def sampling_params(args, cls):
+    if args.greedy:
+        return cls(temperature=0.0, image_temperature=0.0, cfg_scale=args.cfg_scale, seed=args.seed)
+    return cls(temperature=args.temperature, top_p=args.top_p, image_temperature=args.image_temperature,
+               image_top_p=args.image_top_p, cfg_scale=args.cfg_scale, seed=args.seed)
+
+
+def generate(args) -> list[dict]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from tqdm import tqdm
+
+    from megatron_jam.inference.decoding import InterleavedGenerator
+    from megatron_jam.inference.loading import load_model
+    from megatron_jam.inference.render import DocumentWriter
+    from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
+
+    cfg, layout, sp, vq, items, params, context = setup(args)
+    tp = args.tensor_model_parallel_size
+    initialize_distributed()
+    if dist.get_world_size() % tp:
+        raise ValueError(f"world size {dist.get_world_size()} is not divisible by TP={tp}")
+    initialize_model_parallel(tp, 1, seed=args.seed)
+    model, cfg = load_model(args.load, tp)
+    gen = InterleavedGenerator(model, cfg, layout, context_length=context, use_cache=not args.no_kv_cache)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mine = items[dp_rank::dp]
+    writes = parallel_state.get_tensor_model_parallel_rank() == 0
+    writer = DocumentWriter(args.output, layout, sp, vq) if writes else None
+    show = writes and dp_rank == 0 and not args.no_progress_bar
+    records = []
+    bar = tqdm(total=len(mine), desc="prompts", unit="prompt", disable=not show, file=sys.stderr)
+    for b in range(0, len(mine), args.batch_size):
+        batch = mine[b: b + args.batch_size]
+        tokens = tqdm(total=None, desc="tokens", unit="step", leave=False, disable=not show, file=sys.stderr)
+        outs = gen.generate([it["ids"] for it in batch], params, args.max_new_tokens,
+                            on_step=lambda live: tokens.update(1))
+        tokens.close()
+        for it, out in zip(batch, outs):
+            if writer is not None:
+                rec = writer.write(it["name"], it["text"], out, meta={"load": args.load, "cfg_scale": params.cfg_scale,
+                                                                      "seed": params.seed})
+                records.append({"name": it["name"], "finish_reason": rec["finish_reason"], "tokens": len(out.ids),
+                                "images": sum(s["type"] == "image" for s in rec["segments"])})
+        bar.update(len(batch))
+    bar.close()
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import megatron_jam  # noqa: F401  (CPU layer for Megatron-Core)
+    from megatron_jam.data.vocab import VocabLayoutError
+    from megatron_jam.models.config import ConfigError
+
+    try:
+        records = generate(args)
+    except (ConfigError, VocabLayoutError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if records:
+        print(json.dumps({"output": args.output, "documents": records}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,8 @@
 #   4. merge them (tools/convert_checkpoint.py --method cross)
 #   5. continue pretraining JAM-Cross on the 50/50 blend with 2 processes (TP=2, sequence parallel)
 #   6. plot the loss (loss.png next to metrics.jsonl)
-# Output: $OUT (default runs/jam-cross-tiny): checkpoint, model_config.json, metrics.jsonl, loss.png.
+# Output: $OUT (default runs/jam-cross-tiny): checkpoint, model_config.json, vocab_layout.json, metrics.jsonl,
+# loss.png; the corpus, shards, parents and the merged initial checkpoint stay in $WORK.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
@@ -45,10 +46,11 @@ echo "== [5/6] JAM-Cross continued pretraining ($TRAIN_ITERS steps, TP=$NPROC, S
     --train-iters "$TRAIN_ITERS" --lr 1e-3 --min-lr 1e-4 --save "$OUT" --save-interval "$TRAIN_ITERS" --log-interval 2
 echo "== [6/6] loss plot"
 "$PY" -m megatron_jam.training.plot "$OUT"
-cp "$WORK/data/text.vocab.json" "$OUT/vocab.json"
+cp "$WORK/data/text.vocab.json" "$OUT/vocab_layout.json"   # read by tools/generate_interleaved.py
 cat <<MSG
 
 Done. $OUT holds the checkpoint, model_config.json, metrics.jsonl and loss.png.
 Next: generate an interleaved document from it, e.g.
-  $PY tools/generate_interleaved.py --load $OUT --prompt "a picture of a red cat ." --output $OUT/generations
+  $PY tools/generate_interleaved.py --load $OUT --tokenizer-model $WORK/corpus/spm.model \\
+      --prompt "a picture of a red cat ." --prompt "the blue dog" --output $OUT/generations
 MSG

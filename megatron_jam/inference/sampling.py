@@ -84,7 +84,7 @@ class VocabMasks:
         ids = torch.arange(v)
         self.layout = layout
         self.text = ids < layout.text_vocab_size
-        self.text.__setitem__(layout.eos_id, False)
+        self.text[layout.eos_id] = False  # `<eos>` may be a sentencepiece id; it has its own switch
         self.image = (ids >= layout.image_offset) & (ids < layout.vocab_size)
         self.break_ = ids == layout.break_id
         self.eos = ids == layout.eos_id

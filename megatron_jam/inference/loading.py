@@ -1,0 +1,123 @@
+"""Loading a checkpoint for generation, and the checks that must pass before any token is generated.
+
+Why here: the generator meets four independently produced artefacts (the
+checkpoint, its vocabulary layout, the sentencepiece model, the VQ
+tokenizer) and a mismatch between any two gives plausible-looking garbage,
+not an error. Every check raises `GenerationSetupError` naming both sides.
+
+The model is built and loaded exactly as the evaluator does it
+(`build_model_chunks` + `dist_checkpointing`), for a converted checkpoint
+(`tools/convert_checkpoint.py`) or a trained one
+(`latest_checkpointed_iteration.txt` + `iter_XXXXXXX/`, weights only).
+"""
+
+import hashlib
+import json
+import os
+
+from megatron_jam.data.vocab import VocabLayout, VocabLayoutError
+from megatron_jam.utils.logging import get_logger, log_rank0
+
+logger = get_logger(__name__)
+
+LAYOUT_FILES = ("vocab_layout.json", "vocab.json")
+
+
+class GenerationSetupError(ValueError):
+    """The inputs of a generation run do not fit together; the message names both sides."""
+
+
+def file_identity(path: str, kind: str) -> str:
+    """'kind:sha256:<16 hex>' of a file (as `VocabLayout.text_tokenizer` records it)."""
+    with open(path, "rb") as f:
+        return f"{kind}:sha256:{hashlib.sha256(f.read()).hexdigest()[:16]}"
+
+
+def resolve_layout(load: str, path: str | None) -> VocabLayout:
+    """`--vocab-layout PATH`, else a layout file saved in the checkpoint folder."""
+    if path is None:
+        found = [os.path.join(load, f) for f in LAYOUT_FILES if os.path.exists(os.path.join(load, f))]
+        if not found:
+            raise GenerationSetupError(f"no vocabulary layout: pass --vocab-layout (the dataset's PREFIX.vocab.json) "
+                                       f"or put one in {load} as {' or '.join(LAYOUT_FILES)}")
+        path = found[0]
+    try:
+        return VocabLayout.from_json(path)
+    except (OSError, VocabLayoutError) as e:
+        raise GenerationSetupError(f"vocabulary layout {path}: {e}") from e
+
+
+def check_checkpoint_layout(load: str, cfg, layout: VocabLayout) -> None:
+    """The checkpoint's vocabulary (model_config.json, conversion.json) against the layout."""
+    if layout.vocab_size != cfg.vocab_size:
+        raise GenerationSetupError(
+            f"the vocabulary layout has {layout.vocab_size} ids but the checkpoint {load} has vocab_size="
+            f"{cfg.vocab_size}: the layout differs from the one the model was converted/trained with")
+    record = os.path.join(load, "conversion.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            text_rows = (json.load(f).get("vocab") or {}).get("text_rows")
+        if text_rows is not None and text_rows != layout.text_vocab_size:
+            raise GenerationSetupError(
+                f"the checkpoint {load} was converted with {text_rows} text rows (conversion.json) but the "
+                f"vocabulary layout has text_vocab_size={layout.text_vocab_size}")
+
+
+def load_text_tokenizer(path: str, layout: VocabLayout):
+    """A sentencepiece processor that must be the layout's text tokenizer."""
+    import sentencepiece
+
+    if not os.path.isfile(path):
+        raise GenerationSetupError(f"--tokenizer-model {path}: no such file")
+    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    if sp.get_piece_size() != layout.text_vocab_size:
+        raise GenerationSetupError(f"--tokenizer-model {path} has {sp.get_piece_size()} pieces but the vocabulary "
+                                   f"layout has text_vocab_size={layout.text_vocab_size}")
+    ident = file_identity(path, "sentencepiece")
+    if layout.text_tokenizer and layout.text_tokenizer != ident:
+        raise GenerationSetupError(f"--tokenizer-model {path} is {ident}, but the vocabulary layout was built "
+                                   f"with {layout.text_tokenizer}")
+    return sp
+
+
+def load_image_tokenizer(path: str, layout: VocabLayout):
+    """The VQ tokenizer, checked against the layout's codebook, tokens per image and identity."""
+    from megatron_jam.data.image_tokenizer import VQImageTokenizer
+
+    try:
+        vq = VQImageTokenizer(path)
+    except (OSError, ValueError) as e:
+        raise GenerationSetupError(str(e)) from e
+    for what, mine, theirs in (("codebook size", vq.codebook_size, layout.codebook_size),
+                               ("tokens per image", vq.tokens_per_image, layout.tokens_per_image)):
+        if mine != theirs:
+            raise GenerationSetupError(f"--image-tokenizer {path}: {what} {mine} but the model's vocabulary "
+                                       f"layout has {theirs}")
+    if layout.image_tokenizer and layout.image_tokenizer != vq.identity:
+        raise GenerationSetupError(f"--image-tokenizer {path} is {vq.identity}, but the vocabulary layout was "
+                                   f"built with {layout.image_tokenizer}")
+    return vq
+
+
+def load_model(load: str, tp: int = 1, pp: int = 1):
+    """(model, cfg): the whole model on this rank's TP shard, eval mode, weights from `load`."""
+    from megatron_jam.models.jam_gpt import load_model_config, model_class, validate_model_parallel
+    from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
+
+    if pp != 1:
+        raise GenerationSetupError(f"pipeline-model-parallel-size={pp}: generation needs the whole model on one "
+                                   "stage (use --tensor-model-parallel-size to split a large model)")
+    cfg = load_model_config(load)
+    validate_model_parallel(cfg, tp=tp, pp=1)
+    chunks = build_model_chunks(model_class(cfg), cfg, parallel_kwargs(tp, 1, perform_initialization=False),
+                                wrap_ddp=False)
+    if os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt")):
+        from megatron_jam.training.checkpointing import load_checkpoint
+
+        load_checkpoint(load, chunks, finetune=True)
+    else:
+        from megatron_jam.convert.checkpoint import load_checkpoint
+
+        load_checkpoint(chunks, load)
+    log_rank0(logger, "loaded %s (%s) at TP=%d", load, type(cfg).__name__, tp)
+    return chunks[0].eval(), cfg

@@ -1,0 +1,154 @@
+"""Generated token ids -> segments -> viewable documents (HTML, Markdown, JSON, PNG images).
+
+Why a module of its own: the generator knows ids, a reader wants a page. An
+image segment is drawn with the VQ tokenizer's decoder when it has one
+(transformers' `JanusVQVAE.decode`; `ChameleonVQVAE` ships only the encoder),
+otherwise as a *token-grid visualisation*: one coloured cell per code, laid
+out on the latent grid, with a banner saying it is not a decoded image. The
+JSON file keeps the raw ids and the segment boundaries, so any image can be
+decoded later with the right decoder.
+"""
+
+import colorsys
+import html
+import json
+import math
+import os
+
+import numpy as np
+
+from megatron_jam.data.vocab import VocabLayout
+
+GRID_LABEL = "token grid (not decoded: no VQ decoder given)"
+
+
+def segments(ids: list[int], layout: VocabLayout) -> list[dict]:
+    """Split ids into text runs, image runs and `<break>` / `<eos>` markers, with [start, end) indices."""
+    out: list[dict] = []
+    for i, tok in enumerate(ids):
+        kind = ("image" if layout.is_image(tok) else "break" if tok == layout.break_id
+                else "eos" if tok == layout.eos_id else "text")
+        if kind in ("break", "eos"):
+            out.append({"type": kind, "start": i, "end": i + 1})
+        elif out and out[-1]["type"] == kind:
+            out[-1]["end"] = i + 1
+            out[-1]["ids"].append(tok)
+        else:
+            out.append({"type": kind, "start": i, "end": i + 1, "ids": [tok]})
+    for seg in out:
+        if seg["type"] == "image":
+            seg["codes"] = [t - layout.image_offset for t in seg.pop("ids")]
+            seg["complete"] = len(seg["codes"]) == layout.tokens_per_image
+    return out
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) of an image's latent grid: square when n is a square, else as square as possible."""
+    rows = int(math.isqrt(n))
+    while n % rows:
+        rows -= 1
+    return rows, n // rows
+
+
+def token_grid_image(codes: list[int], codebook_size: int, cell: int | None = None):
+    """A PIL image: one colour per code (hue from the code), a labelled banner on top."""
+    from PIL import Image, ImageDraw
+
+    rows, cols = grid_shape(max(1, len(codes)))
+    cell = cell or max(4, 256 // max(rows, cols))
+    colours = np.zeros((rows * cols, 3), dtype=np.uint8)
+    for k, c in enumerate(codes):
+        hue = (c * 0.618033988749895) % 1.0
+        light = 0.35 + 0.3 * ((c * 7919) % codebook_size) / max(1, codebook_size)
+        colours[k] = [int(255 * x) for x in colorsys.hls_to_rgb(hue, light, 0.8)]
+    grid = np.kron(colours.reshape(rows, cols, 3), np.ones((cell, cell, 1), dtype=np.uint8))
+    banner = 14
+    width = max(grid.shape[1], 8 * len(GRID_LABEL) // 2)
+    canvas = Image.new("RGB", (width, grid.shape[0] + banner), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid), (0, banner))
+    ImageDraw.Draw(canvas).text((2, 1), GRID_LABEL, fill=(180, 0, 0))
+    return canvas
+
+
+def decode_images(vq, codes: list[list[int]]):
+    """Decoded PIL images with the tokenizer's decoder, or None when it has no decoder."""
+    import torch
+    from PIL import Image
+
+    if vq is None or not hasattr(vq.model, "decode") or not codes:
+        return None
+    with torch.no_grad():
+        pixels = vq.model.decode(torch.tensor(codes, dtype=torch.long, device=vq.device))  # [n, 3, r, r]
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class DocumentWriter:
+    """Writes one prompt's result as NAME.html, NAME.md, NAME.json and NAME_imgK.png under `folder`."""
+
+    def __init__(self, folder: str, layout: VocabLayout, text_tokenizer=None, image_tokenizer=None):
+        self.folder, self.layout, self.sp, self.vq = folder, layout, text_tokenizer, image_tokenizer
+        os.makedirs(folder, exist_ok=True)
+
+    def text(self, ids: list[int]) -> str:
+        if self.sp is not None:
+            return self.sp.decode([int(t) for t in ids if t < self.layout.text_vocab_size])
+        return " ".join(f"<{t}>" for t in ids)
+
+    def write(self, name: str, prompt: str | None, gen, meta: dict | None = None) -> dict:
+        """Write the three files (and images); returns the JSON record."""
+        segs = segments(gen.ids, self.layout)
+        images = [s for s in segs if s["type"] == "image"]
+        decoded = decode_images(self.vq, [s["codes"] for s in images if s["complete"]])
+        decoded = iter(decoded) if decoded is not None else None
+        for k, seg in enumerate(images):
+            seg["file"] = f"{name}_img{k}.png"
+            if decoded is not None and seg["complete"]:
+                im, seg["rendering"] = next(decoded), "decoded"
+            else:
+                im, seg["rendering"] = token_grid_image(seg["codes"], self.layout.codebook_size), "token_grid"
+            im.save(os.path.join(self.folder, seg["file"]))
+        for seg in segs:
+            if seg["type"] == "text":
+                seg["text"] = self.text(seg["ids"])
+        prompt_text = prompt if prompt is not None else self.text(gen.prompt_ids)
+        record = {"name": name, "prompt": prompt_text, "prompt_ids": gen.prompt_ids, "ids": gen.ids,
+                  "finish_reason": gen.finish_reason, "segments": segs} | (meta or {})
+        with open(os.path.join(self.folder, f"{name}.json"), "w") as f:
+            json.dump(record, f, indent=1)
+        with open(os.path.join(self.folder, f"{name}.html"), "w") as f:
+            f.write(self._html(record))
+        with open(os.path.join(self.folder, f"{name}.md"), "w") as f:
+            f.write(self._markdown(record))
+        return record
+
+    def _html(self, rec: dict) -> str:
+        parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(rec['name'])}</title>"
+                 "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto}"
+                 ".prompt{color:#555;border-left:3px solid #999;padding-left:1em}"
+                 "figure{margin:1em 0}figcaption{font-size:80%;color:#a00}</style></head><body>",
+                 f"<p class='prompt'><b>Prompt:</b> {html.escape(rec['prompt'])}</p>"]
+        for seg in rec["segments"]:
+            if seg["type"] == "text":
+                parts.append(f"<p class='text'>{html.escape(seg['text'])}</p>")
+            elif seg["type"] == "image":
+                caption = ("decoded with the VQ decoder" if seg["rendering"] == "decoded" else GRID_LABEL)
+                if not seg["complete"]:
+                    caption += f" (incomplete: {len(seg['codes'])} of {self.layout.tokens_per_image} tokens)"
+                parts.append(f"<figure><img src='{html.escape(seg['file'])}' alt='generated image "
+                             f"tokens {seg['start']}-{seg['end']}'><figcaption>{html.escape(caption)}"
+                             "</figcaption></figure>")
+        parts.append(f"<p><small>finish: {html.escape(rec['finish_reason'])}, {len(rec['ids'])} tokens"
+                     "</small></p></body></html>\n")
+        return "\n".join(parts)
+
+    def _markdown(self, rec: dict) -> str:
+        lines = [f"# {rec['name']}", "", f"> **Prompt:** {rec['prompt']}", ""]
+        for seg in rec["segments"]:
+            if seg["type"] == "text":
+                lines += [seg["text"], ""]
+            elif seg["type"] == "image":
+                label = "image" if seg["rendering"] == "decoded" else GRID_LABEL
+                lines += [f"![{label}]({seg['file']})", ""]
+        lines.append(f"_finish: {rec['finish_reason']}, {len(rec['ids'])} tokens_")
+        return "\n".join(lines) + "\n"

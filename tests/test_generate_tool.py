@@ -1,0 +1,134 @@
+"""tools/generate_interleaved.py end to end: a tiny converted JAM-Cross checkpoint, a sentencepiece model
+and a tiny Janus VQ (which has a decoder) give HTML / Markdown / JSON documents with one image element per
+image segment; without a decoder the images are labelled token grids; mismatched inputs fail before
+anything is generated."""
+
+import importlib.util
+import io
+import json
+import os
+import random
+
+import pytest
+
+from test_preprocess import sentence
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        "generate_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "generate_interleaved.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import sentencepiece as spm
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig, JanusVQVAE, JanusVQVAEConfig
+
+    import megatron_jam  # noqa: F401
+    from megatron_jam.convert.checkpoint import ensure_single_rank
+    from megatron_jam.data.image_tokenizer import VQImageTokenizer
+    from megatron_jam.data.vocab import VocabLayout
+    from megatron_jam.inference.loading import file_identity
+    from test_convert import convert, make_llama, make_opt
+
+    ensure_single_rank()
+    root = tmp_path_factory.mktemp("gentool")
+    rng = random.Random(0)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([sentence(rng) for _ in range(300)]), model_writer=model,
+                                   vocab_size=64, model_type="unigram", hard_vocab_limit=False,
+                                   character_coverage=1.0, normalization_rule_name="identity")
+    (root / "spm.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(root / "spm.model"))
+    JanusVQVAE(JanusVQVAEConfig(embed_dim=8, num_embeddings=16, latent_channels=8, resolution=16, base_channels=32,
+                                channel_multiplier=[1, 1, 2], num_res_blocks=1, attn_resolutions=[], num_patches=4)
+               ).save_pretrained(root / "janus")
+    ChameleonVQVAE(ChameleonVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=8, resolution=32,
+                                        base_channels=32, channel_multiplier=[1, 1, 2], num_res_blocks=1,
+                                        attn_resolutions=[])).save_pretrained(root / "chameleon")
+    vq = VQImageTokenizer(str(root / "janus"))
+    layout = VocabLayout(text_vocab_size=sp.get_piece_size(), codebook_size=16, tokens_per_image=vq.tokens_per_image,
+                         num_sentinels=2, text_tokenizer=file_identity(str(root / "spm.model"), "sentencepiece"),
+                         image_tokenizer=vq.identity)
+    layout.to_json(root / "layout.json")
+    make_llama(root / "llm", seed=1, vocab=layout.text_vocab_size, initializer_range=0.3)
+    make_opt(root / "img", seed=2, vocab=layout.vocab_size, init_std=0.3)
+    convert("cross", root / "ckpt", root / "llm", root / "img", vocab_layout=str(root / "layout.json"),
+            seq_length=64)
+    prompts = [{"prompt": "ka lo mi ter", "start_with_image": True, "name": "picture"},
+               {"prompt": "san bu ra ne"}]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    return root, layout
+
+
+def _args(root, out, *extra):
+    return ["--load", str(root / "ckpt"), "--vocab-layout", str(root / "layout.json"),
+            "--tokenizer-model", str(root / "spm.model"), "--output", str(out), "--max-new-tokens", "40",
+            "--no-progress-bar", *extra]
+
+
+def test_generates_html_with_text_and_one_image_element_per_image_segment(single_rank, setup, tmp_path, capsys):
+    root, layout = setup
+    rc = _tool().main(_args(root, tmp_path, "--prompts-file", str(root / "prompts.jsonl"),
+                            "--image-tokenizer", str(root / "janus"), "--cfg-scale", "3.5", "--seed", "3"))
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in summary["documents"]] == ["picture", "prompt_0001"]
+    for name in ("picture", "prompt_0001"):
+        rec = json.loads((tmp_path / f"{name}.json").read_text())
+        page = (tmp_path / f"{name}.html").read_text()
+        md = (tmp_path / f"{name}.md").read_text()
+        images = [s for s in rec["segments"] if s["type"] == "image"]
+        assert page.count("<img ") == len(images) == md.count("![")
+        for seg in images:
+            assert seg["complete"] and len(seg["codes"]) == layout.tokens_per_image
+            assert seg["rendering"] == "decoded" and (tmp_path / seg["file"]).exists()
+        assert rec["prompt"] in page and rec["ids"] and len(rec["ids"]) <= 40
+        for seg in rec["segments"]:
+            if seg["type"] == "text" and seg["text"].strip():
+                assert seg["text"].strip().split()[0] in page
+        assert [t for s in rec["segments"] for t in range(s["start"], s["end"])] == list(range(len(rec["ids"])))
+    assert len([s for s in json.loads((tmp_path / "picture.json").read_text())["segments"]
+                if s["type"] == "image"]) >= 1
+
+
+def test_without_a_decoder_images_are_labelled_token_grids(single_rank, setup, tmp_path):
+    from PIL import Image
+
+    from megatron_jam.inference.render import GRID_LABEL
+
+    root, _ = setup
+    assert _tool().main(_args(root, tmp_path, "--prompt", "ka lo", "--start-with-image", "--greedy")) == 0
+    rec = json.loads((tmp_path / "prompt_0000.json").read_text())
+    seg = next(s for s in rec["segments"] if s["type"] == "image")
+    assert seg["rendering"] == "token_grid"
+    assert GRID_LABEL in (tmp_path / "prompt_0000.html").read_text()
+    assert Image.open(tmp_path / seg["file"]).size[0] >= 64
+
+
+def _fails(capsys, argv, message, out):
+    assert _tool().main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_bad_inputs_fail_before_generation(single_rank, setup, tmp_path, capsys):
+    from megatron_jam.data.vocab import VocabLayout
+
+    root, layout = setup
+    out = tmp_path / "out"
+    other = VocabLayout(text_vocab_size=layout.text_vocab_size, codebook_size=17, tokens_per_image=16,
+                        num_sentinels=2)
+    other.to_json(tmp_path / "other.json")
+    argv = _args(root, out, "--prompt", "ka")
+    argv[argv.index("--vocab-layout") + 1] = str(tmp_path / "other.json")
+    _fails(capsys, argv, "differs from the one the model was", out)
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt_ids": [1] * 64}) + "\n")
+    _fails(capsys, _args(root, out, "--prompts-file", str(tmp_path / "long.jsonl")), "context holds 64", out)
+    _fails(capsys, _args(root, out, "--prompt", "ka", "--image-tokenizer", str(root / "chameleon")),
+           "codebook size 64", out)
+    _fails(capsys, _args(root, out, "--prompt", "ka", "--pipeline-model-parallel-size", "2"),
+           "whole model on one stage", out)

@@ -8,7 +8,7 @@ not an error. Every check raises `GenerationSetupError` naming both sides.
 The model is built and loaded exactly as the evaluator does it
 (`build_model_chunks` + `dist_checkpointing`), for a converted checkpoint
 (`tools/convert_checkpoint.py`) or a trained one
-(`latest_checkpointed_iteration.txt` + `iter_XXXXXXX/`, weights only).
+(`latest_checkpointed_iteration.txt` + `iter_0000060/`-style folders, weights only).
 """
 
 import hashlib

@@ -24,7 +24,9 @@ a GPU cluster (`get_forward_backward_func`, `ColumnParallelLinear`,
 
 `install()` does all of it once and is a no-op when CUDA is available, so a
 GPU cluster runs unmodified Megatron-Core. Every wrapper only rewrites CUDA
-devices, which cannot work on a CPU-only machine anyway. The layer was checked
+devices, which cannot work on a CPU-only machine anyway. Note that importing
+`megatron_jam` applies it to the whole process: code that probes for CUDA by
+allocating on "cuda" (instead of `torch.cuda.is_available()`) is misled. The layer was checked
 against `MEGATRON_CORE_VERSION`; `tests/test_platform.py` fails loudly when an
 upgrade breaks any of the patched entry points.
 """
@@ -201,10 +203,10 @@ def install() -> bool:
     if _INSTALLED or torch.cuda.is_available():
         return _INSTALLED
     _patch_devices()
-    _INSTALLED = True
     try:
         _patch_rng()
         _patch_optimizer()
     except ImportError:  # megatron-core missing: the package still imports for tools.
         pass
+    _INSTALLED = True
     return True

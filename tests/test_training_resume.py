@@ -180,3 +180,18 @@ def test_tp2_and_pp2_give_the_per_step_losses_of_tp1(pool2, tmp_path):
     for name, curve in curves.items():
         for step, (a, b) in enumerate(zip(ref, curve)):
             assert abs(a - b) <= 1e-5 * abs(a), (name, step, ref, curve)
+
+
+def _requeue_body(root: str):
+    from megatron_jam.training.loop import main
+
+    main(TP1 + ["--train-iters", "0", "--save", f"{root}/start"])
+    first = main(TP1 + ["--train-iters", "3", "--load", f"{root}/start", "--finetune", "--save", f"{root}/run"])
+    # the same command again (a Slurm requeue): continues from --save, not from --load
+    again = main(TP1 + ["--train-iters", "5", "--load", f"{root}/start", "--finetune", "--save", f"{root}/run"])
+    return [r["iteration"] for r in first], [r["iteration"] for r in again]
+
+
+def test_resubmitted_run_resumes_from_its_save_dir(pool2, tmp_path):
+    first, again = pool2.run(_requeue_body, str(tmp_path))[0]
+    assert first == [1, 2, 3] and again == [4, 5]

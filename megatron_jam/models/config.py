@@ -167,7 +167,7 @@ class JamCrossConfig(ModelConfigMixin):
         """0-based parent layers whose *input* hidden states feed a cross-block pair.
 
         Layers k-1, 2k-1, ..., L-1 (as open_flamingo's `(i + 1) % k == 0`): the
-        first pair sees the outputs of k parent layers, never raw embeddings.
+        first pair sees the outputs of k-1 parent layers (the embeddings when k=1).
         """
         k = self.cross_every
         return [i for i in range(self.num_layers) if (i + 1) % k == 0]

@@ -22,10 +22,13 @@ At step 0 (`cross_zero_init`), the cross blocks' output projections are zero,
 so each stream computes exactly what its parent computes.
 """
 
+import contextlib
+
 import torch
 from torch import Tensor
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.enums import ModelType
+from megatron.core.enums import Fp8Recipe, ModelType
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.module import MegatronModule
@@ -108,6 +111,9 @@ class JamCrossModel(LanguageModule):
                           parallel.get("virtual_pipeline_model_parallel_size"),
                           parallel.get("sequence_parallel", False))
         configs = {name: parent_transformer_config(getattr(cfg, name), **parallel) for name in STREAMS}
+        if configs["llm"].recompute_granularity is not None:
+            raise ValueError("activation recomputation is not implemented for JAM-Cross's layer loop "
+                             f"(recompute_granularity={configs['llm'].recompute_granularity!r})")
         super().__init__(config=configs["llm"])
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
@@ -203,17 +209,42 @@ class JamCrossModel(LanguageModule):
             b = self.input_tensor.size(1) // 2  # [s, 2b, h] -> 2 x [s, b, h]
             h_llm, h_img = self.input_tensor[:, :b], self.input_tensor[:, b:]
         rope_llm, rope_img = self._rotary("llm", h_llm), self._rotary("img", h_img)
-        for i, (layer_llm, layer_img) in enumerate(zip(self.llm.layers, self.img.layers)):
-            if i in self._cross_slot:
-                j = self._cross_slot[i]
-                # Eq. 4, both directions from the states entering layer l: [s(/tp), b, h] each.
-                h_llm, h_img = (self.llm_cross.layers[j](h_llm, attention_mask=None, context=h_img)[0],
-                                self.img_cross.layers[j](h_img, attention_mask=None, context=h_llm)[0])
-            h_llm = layer_llm(h_llm, attention_mask=None, rotary_pos_emb=rope_llm)[0]
-            h_img = layer_img(h_img, attention_mask=None, rotary_pos_emb=rope_img)[0]
+        with self._outer_contexts():
+            for i, (layer_llm, layer_img) in enumerate(zip(self.llm.layers, self.img.layers)):
+                if i in self._cross_slot:
+                    x_llm, x_img = self.llm_cross.layers[self._cross_slot[i]], self.img_cross.layers[self._cross_slot[i]]
+                    # Eq. 4, both directions from the states entering layer l: [s(/tp), b, h] each.
+                    with self._layer_context(x_llm):
+                        new_llm = x_llm(h_llm, attention_mask=None, context=h_img)[0]
+                    with self._layer_context(x_img):
+                        h_img = x_img(h_img, attention_mask=None, context=h_llm)[0]
+                    h_llm = new_llm
+                with self._layer_context(layer_llm):
+                    h_llm = layer_llm(h_llm, attention_mask=None, rotary_pos_emb=rope_llm)[0]
+                with self._layer_context(layer_img):
+                    h_img = layer_img(h_img, attention_mask=None, rotary_pos_emb=rope_img)[0]
         if self.post_process:
             h_llm, h_img = self.llm.final_layernorm(h_llm), self.img.final_layernorm(h_img)
         return h_llm, h_img
+
+    def _outer_contexts(self):
+        """What `TransformerBlock.forward` wraps its layers in: the model-parallel RNG under
+        sequence parallelism (dropout differs across sequence shards and head shards), and
+        the FP8 context for the delayed-scaling recipe."""
+        stack = contextlib.ExitStack()
+        if self.config.sequence_parallel:
+            stack.enter_context(tensor_parallel.get_cuda_rng_tracker().fork())
+        if self.config.fp8 and self.config.fp8_recipe == Fp8Recipe.delayed:
+            stack.enter_context(get_fp8_context(self.config))
+        return stack
+
+    @staticmethod
+    def _layer_context(layer):
+        """Per-layer FP8 context of the non-delayed recipes (as `TransformerBlock.forward`)."""
+        cfg = layer.config
+        if cfg.fp8 and cfg.fp8_recipe != Fp8Recipe.delayed:
+            return get_fp8_context(cfg, layer.layer_number - 1)
+        return contextlib.nullcontext()
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None) -> Tensor:

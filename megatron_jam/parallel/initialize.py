@@ -46,7 +46,11 @@ def initialize_distributed() -> None:
 
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234) -> None:
-    """Megatron-Core parallel groups (destroying earlier ones) and seeded RNG tracker."""
+    """Megatron-Core parallel groups (destroying earlier ones) and seeded RNG tracker.
+
+    As Megatron-LM, each pipeline stage seeds with `seed + 100 * pp_rank`, so layers initialised
+    from scratch on different stages do not repeat each other's weights.
+    """
     from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():
@@ -56,5 +60,6 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
     )
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -46,6 +46,9 @@ def build_model_chunks(model_cls: Callable, cfg, parallel: dict, wrap_ddp: bool 
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and is_vp_last_stage(vp, vpp)
         chunks.append(model_cls(cfg, pre_process=first, post_process=last, vp_stage=vp,
                                 **model_kwargs, **parallel))
+    if torch.cuda.is_available():  # Megatron-LM's get_model: the whole chunk on this rank's GPU
+        for c in chunks:
+            c.cuda(torch.cuda.current_device())
     if parallel.get("bf16"):  # Megatron-LM's mixed precision: bf16 model, fp32 outputs at the last stage
         from megatron.core.transformer.module import Float16Module
 

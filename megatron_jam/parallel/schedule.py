@@ -30,8 +30,8 @@ def masked_mean_loss(loss_mask: torch.Tensor, modality: torch.Tensor | None, per
         is_image = modality.reshape(-1) == 1
         counted = mask > 0
         for name, sel in (("text", counted & ~is_image), ("image", counted & is_image)):
-            report[f"{name} loss sum"] = tok.detach()[sel].sum()
-            report[f"{name} tokens"] = sel.sum().float()
+            report[f"{name} loss sum"] = (tok.detach() * mask)[sel].sum()  # weighted like the lm loss
+            report[f"{name} tokens"] = mask[sel].sum()
     return loss, report
 
 
@@ -46,7 +46,10 @@ def forward_backward(model_chunks: list, data_iterators, num_microbatches: int, 
                      micro_batch_size: int, forward_only: bool = False, forward_step_func=lm_forward_step):
     """Run one step over `num_microbatches`; returns the per-microbatch loss reports (last stage)."""
     if not isinstance(data_iterators, list):
-        data_iterators = [data_iterators] * len(model_chunks)
+        if len(model_chunks) > 1:
+            raise ValueError("virtual pipeline stages need one data iterator per model chunk "
+                             "(a shared iterator would hand each chunk different micro-batches)")
+        data_iterators = [data_iterators]
     multiplier = getattr(unwrap(model_chunks[0]), "p2p_batch_multiplier", 1)
     for chunk in model_chunks:
         if hasattr(chunk, "zero_grad_buffer") and not forward_only:

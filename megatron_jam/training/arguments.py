@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parents(cfg) -> dict:
+    if hasattr(cfg, "llm"):
+        return {"llm": cfg.llm, "img": cfg.img}
+    return {"parent": cfg.parent}
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
@@ -111,6 +117,10 @@ def validate_args(args: argparse.Namespace):
                               f" does not divide the {per_stage} layers of each pipeline stage")
         vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
     args.virtual_pipeline_model_parallel_size = vpp
+    for name, p in _parents(cfg).items():
+        if p.family == "opt" and args.seq_length > p.max_position_embeddings:
+            raise ConfigError(f"--seq-length {args.seq_length} exceeds {name}.max_position_embeddings="
+                              f"{p.max_position_embeddings} (learned positions)")
     validate_model_parallel(cfg, tp=tp, pp=pp, vpp=vpp, sequence_parallel=args.sequence_parallel,
                             seq_length=args.seq_length)
     world = _world_size()
@@ -130,6 +140,9 @@ def validate_args(args: argparse.Namespace):
     if args.bf16 and not torch.cuda.is_available():
         raise ConfigError("--bf16 needs a GPU: Megatron-Core's mixed-precision optimizer keeps CUDA tensors only; "
                           "CPU runs train in fp32 (drop --bf16)")
+    if args.use_distributed_optimizer and not torch.cuda.is_available():
+        raise ConfigError("--use-distributed-optimizer needs a GPU: Megatron-Core's DistributedOptimizer keeps "
+                          "CUDA tensors only")
     if args.fp8_format:
         from megatron_jam.models.specs import HAVE_TE
 

@@ -47,9 +47,9 @@ def read_latest(root: str) -> int | None:
 def resolve_checkpoint_dir(root: str, iteration: int | None = None) -> tuple[str, int | None]:
     """The dist_checkpointing folder of `root`: `root` itself when it is one (what the converter
     writes), else `root/iter_N` for the given or latest complete iteration N (what training writes)."""
+    iteration = read_latest(root) if iteration is None else iteration
     if iteration is None and os.path.exists(os.path.join(root, "metadata.json")):
         return root, None
-    iteration = read_latest(root) if iteration is None else iteration
     if iteration is None:
         raise FileNotFoundError(f"--load {root}: neither a checkpoint (metadata.json) nor a training "
                                 f"directory with {TRACKER}")
@@ -82,10 +82,12 @@ def _rank_coords() -> tuple[tuple[int, ...], tuple[int, ...]]:
     return shape, offset
 
 
+def _model_state_keys(n: int) -> list[str]:
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
 def _model_state(chunks: list) -> dict:
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    return {k: unwrap(c).sharded_state_dict() for k, c in zip(_model_state_keys(len(chunks)), chunks)}
 
 
 def _sharded_state(chunks, optimizer, scheduler, loading: bool) -> dict:
@@ -168,7 +170,7 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, loa
     if not load_rng:
         state.pop("rng_state")
     loaded = dist_checkpointing.load(state, path)
-    for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), chunks):
+    for key, chunk in zip(_model_state_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(loaded[key])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

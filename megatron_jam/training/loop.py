@@ -20,6 +20,7 @@ import time
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -30,7 +31,7 @@ from megatron_jam.parallel.initialize import initialize_distributed, initialize_
 from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 from megatron_jam.parallel.schedule import forward_backward, lm_forward_step
 from megatron_jam.training.arguments import build_parser, validate_args
-from megatron_jam.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_jam.training.checkpointing import load_checkpoint, read_latest, save_checkpoint
 from megatron_jam.training.metrics import MetricsWriter, any_rank_true, format_line, reduce_step_losses
 from megatron_jam.training.data import build_data_sources
 from megatron_jam.training.signals import SigtermFlag
@@ -71,6 +72,9 @@ def _optimizer_step(opt, loss_is_finite: bool) -> tuple[float, bool]:
     The gradient norm is computed once more by `opt.step()` (Megatron's step does not
     expose a hook between norm and update); the extra pass is small next to the step.
     """
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        # prepare_grads runs again inside step(): harmless without a loss scaler (fp32, bf16), wrong with one
+        assert getattr(o, "grad_scaler", None) is None, "fp16 loss scaling is not supported by this loop"
     opt.prepare_grads()
     grad_norm = opt.get_grad_norm()
     if not loss_is_finite or grad_norm is None or not math.isfinite(grad_norm):
@@ -137,6 +141,8 @@ def _build(args, cfg):
         model_class(cfg), cfg,
         parallel_kwargs(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         args.virtual_pipeline_model_parallel_size, args.sequence_parallel, args.bf16, **extra),
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                 use_distributed_optimizer=args.use_distributed_optimizer),
         use_te=args.transformer_impl == "transformer_engine")
     log_rank0(logger, "%s: %.3fM parameters; TP=%d PP=%d DP=%d SP=%s; %d micro-batches of %d",
               _describe(cfg), model_params(cfg) / 1e6, args.tensor_model_parallel_size,
@@ -189,14 +195,27 @@ def _train_step(run: _Run, data, forward_step_func) -> dict:
     return _record(run, losses, grad_norm, time.perf_counter() - t0)
 
 
+def _resume_dir(args) -> str | None:
+    """A `--save` directory that already holds a checkpoint wins over `--load`: resubmitting the same
+    command (Slurm requeue, pre-emption) continues the run instead of restarting from `--load`."""
+    if args.save and read_latest(args.save) is not None:
+        if args.load and os.path.abspath(args.load) != os.path.abspath(args.save):
+            log_rank0(logger, "resuming from --save %s (it holds a checkpoint); --load %s is not used",
+                      args.save, args.load)
+        return args.save
+    return args.load
+
+
 def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
     """Run `args.train_iters` iterations (from a checkpoint if `--load`); returns the step records."""
     chunks = _build(args, cfg)
     opt, sched = _optimizer(args, chunks)
     run = _Run(args, cfg, chunks, opt, sched)
-    if args.load:
-        run.iteration, run.consumed = load_checkpoint(args.load, chunks, opt, sched, load_rng=not args.no_load_rng,
-                                                      finetune=args.finetune)
+    resume_from = _resume_dir(args)
+    if resume_from:
+        finetune = args.finetune and resume_from == args.load
+        run.iteration, run.consumed = load_checkpoint(resume_from, chunks, opt, sched, load_rng=not args.no_load_rng,
+                                                      finetune=finetune)
     metrics_file = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
     writer = MetricsWriter(metrics_file, args.tensorboard_dir, args.wandb_project, vars(args))
     data, valid_sets = build_data_sources(args, cfg)
@@ -213,6 +232,7 @@ def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
 
 def _loop(run: _Run, data, valid_sets: dict, writer, sigterm, forward_step_func) -> None:
     a = run.args
+    start = run.iteration
     while run.iteration < a.train_iters:
         run.finalize_saves(blocking=False)
         record = _train_step(run, data, forward_step_func)
@@ -234,7 +254,9 @@ def _loop(run: _Run, data, valid_sets: dict, writer, sigterm, forward_step_func)
             if not (a.save_interval and run.iteration % a.save_interval == 0):
                 run.save()
             return
-    if a.save and not (a.save_interval and run.iteration % a.save_interval == 0):
+    first_save = start == 0 and not a.load  # iteration 0 of a fresh run is worth saving (a common start)
+    if a.save and (run.iteration > start or first_save) and not (
+            a.save_interval and run.iteration % a.save_interval == 0 and run.iteration > start):
         run.save()
 
 

@@ -26,22 +26,30 @@ def reduce_step_losses(reports: list) -> dict:
     ranks; NaN on other stages. Keys: lm_loss, text_loss, image_loss (NaN without such tokens)."""
     if not reports:
         return {"lm_loss": float("nan"), "text_loss": float("nan"), "image_loss": float("nan")}
-    sums = torch.zeros(6, dtype=torch.float64)
+    sums = torch.zeros(6, dtype=torch.float64, device=comm_device())
     for r in reports:
         sums[0] += float(r["lm loss"])
         sums[1] += 1
         for i, key in enumerate(_FIELDS[1:], start=2):
             sums[i] += float(r.get(key, 0.0))
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    sums = sums.cpu()
     ratio = lambda a, b: float(sums[a] / sums[b]) if sums[b] > 0 else float("nan")  # noqa: E731
     return {"lm_loss": ratio(0, 1), "text_loss": ratio(2, 3), "image_loss": ratio(4, 5)}
 
 
 def any_rank_true(flag: bool) -> bool:
     """A boolean OR over all ranks (every rank must call it)."""
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under NCCL, else the CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_logging_rank() -> bool:

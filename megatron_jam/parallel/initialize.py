@@ -45,6 +45,25 @@ def initialize_distributed() -> None:
     log_rank0(logger, "torch.distributed: backend=%s world_size=%d", backend, dist.get_world_size())
 
 
+def destroy_model_parallel() -> None:
+    """Megatron's `destroy_model_parallel` plus the process groups it only forgets.
+
+    Megatron destroys its `*_GLOO` groups but drops the others (on CPU: gloo groups with
+    sockets and threads). A process that re-initialises model parallelism many times
+    (tests, benchmarks) would accumulate them and slow every collective down.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        world = dist.GroupMember.WORLD
+        for group in list(dist.distributed_c10d._world.pg_map):
+            if group is not world:
+                dist.destroy_process_group(group)
+
+
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234) -> None:
     """Megatron-Core parallel groups (destroying earlier ones) and seeded RNG tracker.
 
@@ -53,8 +72,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,

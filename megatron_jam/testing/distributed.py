@@ -37,10 +37,9 @@ def _free_port() -> int:
 
 
 def _reset_parallel_state() -> None:
-    from megatron.core import parallel_state
+    from megatron_jam.parallel.initialize import destroy_model_parallel
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
 
 
 def _worker_main(rank: int, world_size: int, port: int, tasks, results) -> None:

@@ -111,13 +111,8 @@ def load_model(load: str, tp: int = 1, pp: int = 1):
     validate_model_parallel(cfg, tp=tp, pp=1)
     chunks = build_model_chunks(model_class(cfg), cfg, parallel_kwargs(tp, 1, perform_initialization=False),
                                 wrap_ddp=False)
-    if os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt")):
-        from megatron_jam.training.checkpointing import load_checkpoint
+    from megatron_jam.convert.checkpoint import load_checkpoint
 
-        load_checkpoint(load, chunks, finetune=True)
-    else:
-        from megatron_jam.convert.checkpoint import load_checkpoint
-
-        load_checkpoint(chunks, load)
+    load_checkpoint(chunks, load)  # converted or trained (latest complete iteration), weights only
     log_rank0(logger, "loaded %s (%s) at TP=%d", load, type(cfg).__name__, tp)
     return chunks[0].eval(), cfg

@@ -69,20 +69,6 @@ def load_full_state_dict(model_chunks: list, full: dict[str, torch.Tensor]) -> N
             raise ValueError(f"{sh.key}: full tensor shape {tuple(src.shape)} != model's global shape "
                              f"{tuple(sh.global_shape)}")
         sh.data.copy_(src[_index(sh)])
-    for chunk in model_chunks:  # tied output weights on the last stage follow the embedding
-        m = unwrap(chunk)
-        if getattr(m, "post_process", False) and not getattr(m, "pre_process", True) \
-                and getattr(m, "share_embeddings_and_output_weights", False):
-            m.shared_embedding_or_output_weight().copy_(full["embedding.word_embeddings.weight"][
-                _vocab_slice(m.shared_embedding_or_output_weight())])
-
-
-def _vocab_slice(weight: torch.Tensor) -> slice:
-    from megatron.core import parallel_state
-
-    rows = weight.shape[0]
-    r = parallel_state.get_tensor_model_parallel_rank()
-    return slice(r * rows, (r + 1) * rows)
 
 
 @contextlib.contextmanager

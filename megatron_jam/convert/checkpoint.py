@@ -3,24 +3,27 @@
 Why dist_checkpointing: the trainer, evaluator and generator load it at any
 TP/PP (the checkpoint stores global tensors with their shard metadata), so
 the converter never needs the target layout. The writer builds the target
-model once at TP=1 in this process, copies converted parts into it as they
-stream in (the parents are never whole in memory), saves, and writes
-`model_config.json` (what every tool reads), `conversion.json` (method,
-sources, vocabulary rules, the HF config for export) and
-`hf_extra.safetensors` (HF tensors Megatron has no place for). Everything is
-written under `<save>.tmp-<pid>` and renamed at the end: a failed run leaves
-no folder that looks like a checkpoint.
+model on the `meta` device (shapes and shard layout, no memory) and streams
+the converted parts into the checkpoint files one part at a time
+(`streaming.py`): neither the parents nor the output are ever whole in
+memory. It also writes `model_config.json` (what every tool reads),
+`conversion.json` (method, sources, vocabulary rules, the HF config for
+export) and `hf_extra.safetensors` (HF tensors Megatron has no place for).
+Everything is written under `<save>.tmp-<pid>` and renamed at the end: a
+failed run leaves no folder that looks like a checkpoint.
 """
 
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError
+from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError, part_of
+from megatron_jam.convert.streaming import PartSource, save_streaming
 from megatron_jam.models.jam_gpt import MODEL_CONFIG_FILE, model_class
 from megatron_jam.utils.logging import get_logger
 
@@ -51,17 +54,26 @@ def build_single(cfg, bf16: bool = False, initialize: bool = True):
     return build_model_chunks(model_class(cfg), cfg, kw, wrap_ddp=False)[0]
 
 
-class CheckpointWriter:
-    """Context manager: `write(part)` any number of times, then `finish(record)`; removes everything on error."""
+def build_meta(cfg, bf16: bool = False):
+    """The whole model (TP=1, PP=1) on the meta device: every tensor's key, shape, dtype and shard
+    layout, no storage."""
+    from megatron_jam.parallel.model import parallel_kwargs
 
-    def __init__(self, cfg, save: str, bf16: bool = False, keep_init: tuple[str, ...] = ()):
+    kw = parallel_kwargs(bf16=bf16, perform_initialization=False, use_cpu_initialization=True)
+    with torch.device("meta"):
+        return model_class(cfg)(cfg, pre_process=True, post_process=True, **kw)
+
+
+class CheckpointWriter:
+    """Context manager: `write(parts, convert_part)` once, then `finish(record)`; removes everything
+    on error. `convert_part(part)` returns the canonical tensors of one part (see `common.part_of`)."""
+
+    def __init__(self, cfg, save: str, bf16: bool = False):
         if os.path.exists(save) and os.listdir(save):
             raise ConvertError(f"--save {save} exists and is not empty; choose a new folder")
-        self.cfg, self.save, self.keep_init = cfg, save, keep_init
+        self.cfg, self.save = cfg, save
         self.tmp = f"{save.rstrip('/')}.tmp-{os.getpid()}"
-        self.model = build_single(cfg, bf16=bf16, initialize=bool(keep_init))
-        self.targets = {k: v for k, v in self.model.state_dict().items() if isinstance(v, Tensor)}
-        self.written: set[str] = set()
+        self.model = build_meta(cfg, bf16=bf16)
         self.extra: dict[str, Tensor] = {}
 
     def __enter__(self) -> "CheckpointWriter":
@@ -73,34 +85,18 @@ class CheckpointWriter:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    @torch.no_grad()
-    def write(self, part: dict[str, Tensor]) -> None:
-        """Copy converted tensors into the model (vocabulary rows padded with zeros)."""
-        for k, t in part.items():
-            if k.startswith(HF_EXTRA):
-                self.extra[k] = t.contiguous()
-                continue
-            if k not in self.targets:
-                raise ConvertError(f"converted tensor {k} has no place in the {type(self.model).__name__}")
-            dst = self.targets[k]
-            if k in PADDED_ROWS and t.shape[0] <= dst.shape[0] and t.shape[1:] == dst.shape[1:]:
-                dst[: t.shape[0]].copy_(t)
-                dst[t.shape[0]:].zero_()
-            elif t.shape != dst.shape:
-                raise ConvertError(f"tensor {k}: converted shape {tuple(t.shape)} != model shape {tuple(dst.shape)}")
-            else:
-                dst.copy_(t)
-            self.written.add(k)
+    def write(self, parts: list, convert_part: Callable[..., dict[str, Tensor]]) -> None:
+        """Stream every part into the checkpoint; a model tensor no part makes, a converted tensor
+        the model has no place for, or a shape mismatch is a `ConvertError` naming the tensor."""
+        source = PartSource(parts, convert_part, part_of, padded_rows=PADDED_ROWS, extra_prefix=HF_EXTRA,
+                            model_name=type(self.model).__name__)
+        save_streaming(self.model, self.tmp, source)
+        self.extra = source.extra
 
     def finish(self, record: dict) -> str:
-        """Check every tensor was written, save, publish; returns the checkpoint folder."""
-        from megatron.core import dist_checkpointing
+        """Write the config files, publish; returns the checkpoint folder."""
         from safetensors.torch import save_file
 
-        unwritten = sorted(k for k in self.targets if k not in self.written and not k.startswith(self.keep_init))
-        if unwritten:
-            raise ConvertError(f"no converted tensor for {unwritten[:5]} ({len(unwritten)} in all)")
-        dist_checkpointing.save(self.model.sharded_state_dict(), self.tmp)
         self.cfg.to_json(os.path.join(self.tmp, MODEL_CONFIG_FILE))
         with open(os.path.join(self.tmp, CONVERSION_FILE), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)

@@ -11,6 +11,8 @@ rows of its H/G query heads, then its key head, then its value head
 between that and separate q, k, v (HF layout); both are exact inverses.
 """
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -93,3 +95,21 @@ def megatron_shapes(p, vocab_size: int) -> dict[str, tuple]:
 def parent_parts(p) -> list:
     """The parts of a parent in streaming order: embedding, each layer, final."""
     return ["embedding", *range(p.num_layers), "final"]
+
+
+_STACK_LAYER = re.compile(r"^(?:decoder|llm|img)\.layers\.(\d+)\.")
+_CROSS_BLOCK = re.compile(r"^(?:llm|img)_cross\.layers\.(\d+)\.")
+
+
+def part_of(key: str):
+    """The part that makes an output key: 'embedding', a layer index, 'final', ('cross', K) for
+    JAM-Cross's K-th cross-block pair, ('fusion',) for its fusion linear."""
+    if m := _STACK_LAYER.match(key):
+        return int(m[1])
+    if m := _CROSS_BLOCK.match(key):
+        return ("cross", int(m[1]))
+    if key.startswith("embedding."):
+        return "embedding"
+    if key.startswith("fusion."):
+        return ("fusion",)
+    return "final"

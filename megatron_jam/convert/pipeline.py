@@ -1,9 +1,10 @@
 """The conversion driver behind tools/convert_checkpoint.py: parents -> method -> checkpoint.
 
-Memory: the writer holds the output model once; the parents are read one part
-(embedding, one layer, final) at a time and each part's converted tensors are
-copied into the output and dropped. Peak resident memory is therefore about
-the output model plus one layer of each parent (benchmarks/bench_convert_memory.py).
+Memory: the parents are read one part (embedding, one layer, final) at a time,
+and the writer streams each part's converted tensors into the checkpoint files
+and drops them (`streaming.py`); the output model exists only on the meta
+device. Peak resident memory is about one part of each parent plus one part of
+the output, over the process's fixed cost (benchmarks/bench_convert_memory.py).
 """
 
 import sys
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import megatron_jam
 from megatron_jam.convert.checkpoint import CheckpointWriter, ensure_single_rank
 from megatron_jam.convert.common import OUT, ConvertError, parent_parts
-from megatron_jam.convert.cross import cross_config, cross_part
+from megatron_jam.convert.cross import cross_config, cross_part, new_part, new_parts
 from megatron_jam.convert.readers import open_parent
 from megatron_jam.convert.uniform import uniform_config, uniform_part
 from megatron_jam.convert.vocab import RULES, VocabPlan, check_tokenizers, plan_vocab
@@ -60,12 +61,18 @@ def convert(opts: ConvertOptions) -> dict:
         validate_model_parallel(cfg, tp=opts.target_tensor_parallel_size, pp=opts.target_pipeline_parallel_size)
     except ConfigError as e:
         raise ConvertError(f"the converted model cannot run at the target layout: {e}") from e
-    keep = ("llm_cross.", "img_cross.", "fusion.") if opts.method == "cross" else ()
-    parts = parent_parts(parents[0].cfg)
-    with CheckpointWriter(cfg, opts.save, bf16=opts.bf16, keep_init=keep) as writer:
-        for part in _progress(parts):
-            writer.write(part_fn(part))
-            log_rank0(logger, "converted part %s of %d", part, len(parts) - 2)
+    parts = parent_parts(parents[0].cfg) + (new_parts(cfg) if opts.method == "cross" else [])
+    with CheckpointWriter(cfg, opts.save, bf16=opts.bf16) as writer, _progress(parts) as bar:
+        def convert_part(part):
+            out = part_fn(part)
+            bar.update()
+            done.append(part)
+            log_rank0(logger, "converted part %s (%d of %d)", part, len(done), len(parts))
+            return out
+
+        done = []
+
+        writer.write(parts, convert_part)
         writer.finish(record)
     log_rank0(logger, "wrote %s (%s, %s)", opts.save, opts.method, type(cfg).__name__)
     return record
@@ -92,7 +99,8 @@ def _plan(opts: ConvertOptions, parents: list):
     if opts.method == "cross":
         cfg = cross_config(a.cfg, b.cfg, plan, opts.cross_every, seq)
         record |= {"cross_every": opts.cross_every}
-        return cfg, lambda part: cross_part(a.read(part), b.read(part), plan), record
+        return cfg, lambda part: new_part(cfg, part, opts.seed, opts.bf16) if isinstance(part, tuple) \
+            else cross_part(a.read(part), b.read(part), plan), record
     record |= {"hf_config": {k: v for k, v in a.hf_config.items() if k.endswith("token_id")}
                | {"model_type": a.cfg.family}}
     if opts.method == "uniform":
@@ -125,7 +133,7 @@ def _layout(path: str | None):
 def _progress(parts: list):
     from tqdm import tqdm
 
-    return tqdm(parts, desc="convert", unit="part", file=sys.stderr, disable=not sys.stderr.isatty())
+    return tqdm(total=len(parts), desc="convert", unit="part", file=sys.stderr, disable=not sys.stderr.isatty())
 
 
 __all__ = ["ConvertOptions", "METHODS", "VocabPlan", "convert"]

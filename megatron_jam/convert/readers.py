@@ -6,7 +6,7 @@ part at a time ('embedding', layer N, 'final') as a canonical Megatron dict
 (see `common`), reading only that part's tensors from disk: safetensors via
 `safe_open` (memory-mapped, no unpickling). megatron-jam checkpoints are
 read through Megatron-Core's `dist_checkpointing` (also no unpickling of
-tensors) into one TP=1 model, so that source is held whole (one parent).
+tensors), one part's tensors at a time.
 """
 
 import hashlib
@@ -75,11 +75,16 @@ class HFParent:
 
 
 class MegatronParent:
-    """A megatron-jam single-stack checkpoint (model_config.json with model_type 'gpt')."""
+    """A megatron-jam single-stack checkpoint (model_config.json with model_type 'gpt'), read one part
+    at a time: the parent model is built on the meta device for its keys and shard layout, and
+    `dist_checkpointing` loads only the part's tensors."""
 
     def __init__(self, path: str):
-        from megatron_jam.convert.checkpoint import CONVERSION_FILE, load_state_on_one_rank, read_hf_extra
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        from megatron_jam.convert.checkpoint import CONVERSION_FILE, build_meta, read_hf_extra
         from megatron_jam.models.jam_gpt import JamGPTConfig, load_model_config
+        from megatron_jam.training.checkpointing import resolve_checkpoint_dir
 
         self.path = path
         cfg = load_model_config(path)
@@ -88,7 +93,9 @@ class MegatronParent:
         self.model_cfg = cfg
         self.cfg: ParentConfig = cfg.parent
         self.vocab_size, self.tied = cfg.vocab_size, cfg.share_embeddings_and_output_weights
-        self.state = load_state_on_one_rank(path, cfg)
+        self._dir, _ = resolve_checkpoint_dir(path)
+        self._sharded = {k: v for k, v in build_meta(cfg).sharded_state_dict().items()
+                         if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
         self.extra = read_hf_extra(path)
         record = os.path.join(path, CONVERSION_FILE)
         self.hf_config = {}
@@ -101,23 +108,24 @@ class MegatronParent:
     def source(self) -> str:
         return f"megatron-jam:{self.path}"
 
-    def read(self, part) -> dict[str, Tensor]:
-        from megatron_jam.convert.common import FINAL, POS, layer_prefix
+    def _load(self, keys: list[str]) -> dict[str, Tensor]:
+        from megatron_jam.convert.streaming import load_parts
 
-        v = self.vocab_size
+        return load_parts(self._sharded, keys, self._dir) if keys else {}
+
+    def read(self, part) -> dict[str, Tensor]:
+        from megatron_jam.convert.common import part_of
+
+        out = self._load([k for k in self._sharded if part_of(k) == part])
+        for k in (EMB, OUT):
+            if k in out:
+                out[k] = out[k][: self.vocab_size]
         if part == "embedding":
-            out = {EMB: self.state[EMB][:v]}
-            if POS in self.state:
-                out[POS] = self.state[POS]
-            return out | {k: t for k, t in self.extra.items() if k.startswith(HF_EXTRA)}
-        if part == "final":
-            out = {k: t for k, t in self.state.items() if k.startswith(FINAL)}
-            return out if self.tied else out | {OUT: self.state[OUT][:v]}
-        pre = layer_prefix(part)
-        return {k: t for k, t in self.state.items() if k.startswith(pre)}
+            out |= {k: t for k, t in self.extra.items() if k.startswith(HF_EXTRA)}
+        return out
 
     def output_rows(self) -> Tensor:
-        return self.state[EMB][: self.vocab_size] if self.tied else self.state[OUT][: self.vocab_size]
+        return self._load([EMB if self.tied else OUT])[EMB if self.tied else OUT][: self.vocab_size]
 
     def tokenizer_identity(self) -> str:
         return tokenizer_identity(self.path)

@@ -94,6 +94,16 @@ class FusionLinear(MegatronModule):
         return torch.nn.functional.linear(torch.cat([h_llm, h_img], dim=-1), self.weight)
 
 
+@torch.no_grad()
+def zero_cross_layer_outputs(layer) -> None:
+    """Zero one cross block's attention output and MLP output projections (weights and biases): the
+    block then adds nothing to its stream, which computes exactly its parent (`cross_zero_init`)."""
+    for lin in (layer.cross_attention.linear_proj, layer.mlp.linear_fc2):
+        lin.weight.zero_()
+        if getattr(lin, "bias", None) is not None:
+            lin.bias.zero_()
+
+
 class JamCrossModel(LanguageModule):
     """The JAM-Cross model: the stage of it this rank holds (pre_process: first, post_process: last).
 
@@ -173,15 +183,11 @@ class JamCrossModel(LanguageModule):
         assert sorted(slots.values()) == list(range(len(self.llm_cross.layers))), slots
         return slots
 
-    @torch.no_grad()
     def zero_cross_outputs(self) -> None:
         """Zero the cross blocks' attention output and MLP output projections (weights and biases)."""
         for stack in (self.llm_cross, self.img_cross):
             for layer in stack.layers:
-                for lin in (layer.cross_attention.linear_proj, layer.mlp.linear_fc2):
-                    lin.weight.zero_()
-                    if getattr(lin, "bias", None) is not None:
-                        lin.bias.zero_()
+                zero_cross_layer_outputs(layer)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline input: both streams packed on the batch dim, `[s(/tp), 2b, h]`."""

@@ -7,6 +7,7 @@ device. Peak resident memory is about one part of each parent plus one part of
 the output, over the process's fixed cost (benchmarks/bench_convert_memory.py).
 """
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from megatron_jam.convert.width import width_config, width_part
 from megatron_jam.models.config import ConfigError
 from megatron_jam.models.jam_gpt import JamGPTConfig, validate_model_parallel
 from megatron_jam.utils.logging import get_logger, log_rank0
+from megatron_jam.utils.memory import return_large_frees_to_os
 
 logger = get_logger(__name__)
 
@@ -55,6 +57,7 @@ def convert(opts: ConvertOptions) -> dict:
     if not 0.0 <= opts.llm_weight <= 1.0:
         raise ConvertError(f"--llm-weight {opts.llm_weight} must be in [0, 1]")
     ensure_single_rank(opts.seed)
+    return_large_frees_to_os()
     parents = [open_parent(p) for p in opts.load]
     cfg, part_fn, record = _plan(opts, parents)
     try:
@@ -98,6 +101,7 @@ def _plan(opts: ConvertOptions, parents: list):
     tied = a.tied and b.tied
     if opts.method == "cross":
         cfg = cross_config(a.cfg, b.cfg, plan, opts.cross_every, seq)
+        plan = dataclasses.replace(plan, padded_rows=cfg.padded_vocab_size)
         record |= {"cross_every": opts.cross_every}
         return cfg, lambda part: new_part(cfg, part, opts.seed, opts.bf16) if isinstance(part, tuple) \
             else cross_part(a.read(part), b.read(part), plan), record
@@ -105,9 +109,11 @@ def _plan(opts: ConvertOptions, parents: list):
                | {"model_type": a.cfg.family}}
     if opts.method == "uniform":
         cfg = uniform_config(a.cfg, b.cfg, plan, tied, seq)
+        plan = dataclasses.replace(plan, padded_rows=cfg.padded_vocab_size)
         record |= {"llm_weight": opts.llm_weight}
         return cfg, lambda part: uniform_part(*_pair(a, b, part, tied), plan, opts.llm_weight), record
     cfg = width_config(a.cfg, b.cfg, plan, tied, seq)
+    plan = dataclasses.replace(plan, padded_rows=cfg.padded_vocab_size)
     record |= {"width_init": opts.width_init}
     return cfg, lambda part: width_part(*_pair(a, b, part, tied), a.cfg, plan, opts.width_init), record
 

@@ -4,7 +4,7 @@ Why parts: a 7B parent is 14-28 GB; a merge that loads both parents whole and
 then builds the output holds three models at once. A reader hands out one
 part at a time ('embedding', layer N, 'final') as a canonical Megatron dict
 (see `common`), reading only that part's tensors from disk: safetensors via
-`safe_open` (memory-mapped, no unpickling). megatron-jam checkpoints are
+plain file reads (`read_safetensors`; no unpickling). megatron-jam checkpoints are
 read through Megatron-Core's `dist_checkpointing` (also no unpickling of
 tensors), one part's tensors at a time.
 """
@@ -12,7 +12,9 @@ tensors), one part's tensors at a time.
 import hashlib
 import json
 import os
+import struct
 
+import torch
 from torch import Tensor
 
 from megatron_jam.convert import hf_llama, hf_opt
@@ -46,8 +48,6 @@ class HFParent:
 
     def read(self, part) -> dict[str, Tensor]:
         """One part as canonical Megatron tensors (plus `hf_extra.*` where HF has more)."""
-        from safetensors import safe_open
-
         keys = self.module.FAMILY.hf_keys(part, self.cfg, self.tied)
         missing = [k for k in keys if k not in self._files]
         if missing:
@@ -58,8 +58,7 @@ class HFParent:
         for k in keys:
             by_file.setdefault(self._files[k], []).append(k)
         for fname, names in by_file.items():
-            with safe_open(os.path.join(self.path, fname), framework="pt") as f:
-                hf |= {k: f.get_tensor(k) for k in names}
+            hf |= read_safetensors(os.path.join(self.path, fname), names)
         return self.module.FAMILY.to_megatron(hf, self.cfg, self.vocab_size, self.tied, where=self.path)
 
     def output_rows(self) -> Tensor:
@@ -143,6 +142,38 @@ def open_parent(path: str) -> HFParent | MegatronParent:
     if os.path.exists(os.path.join(path, MODEL_CONFIG_FILE)):
         return MegatronParent(path)
     return HFParent(path)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str, names: list[str]) -> dict[str, Tensor]:
+    """Named tensors of one .safetensors file, read into fresh tensors with plain file reads.
+
+    Why not `safe_open`: it memory-maps the file, and mapped pages a tensor is copied from count
+    in the process's resident memory until the file is closed, doubling a part's footprint."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        out = {}
+        for name in names:
+            meta = header.get(name)
+            if meta is None:
+                raise ConvertError(f"{path}: tensor {name} is not in this file")
+            if meta["dtype"] not in SAFETENSORS_DTYPES:
+                raise ConvertError(f"{path}: tensor {name} has dtype {meta['dtype']}, which the converter does not read")
+            t = torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
+            start, end = meta["data_offsets"]
+            if end - start != t.nbytes:
+                raise ConvertError(f"{path}: tensor {name} has {end - start} bytes for shape {meta['shape']} "
+                                   f"{meta['dtype']} ({t.nbytes} expected)")
+            f.seek(8 + n + start)
+            if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != t.nbytes:
+                raise ConvertError(f"{path}: tensor {name} is truncated")
+            out[name] = t
+    return out
 
 
 def tokenizer_identity(path: str) -> str:

@@ -6,11 +6,11 @@ converter built on it holds the whole output model (JAM-Cross: 2x a parent,
 JAM-Width: 3.2x). Here the output model is built on the `meta` device: its
 sharded state dict gives every key, shape and shard layout that Megatron's
 loader expects, at no memory cost. The checkpoint is then written through
-PyTorch's `FileSystemWriter` with one thread and one file, which asks the
-planner for one tensor at a time, in plan order. The planner orders the plan
-by *part* (embedding, layer 0, 1, ..., final, new blocks) and computes a part
-only when the first of its tensors is asked for, so one part of the output
-(and the parents' matching parts) is in memory at a time. The result is the
+PyTorch's `FileSystemWriter` with one thread, one file per part, which asks
+the planner for one tensor at a time, in plan order. The planner orders the
+plan by *part* (embedding, layer 0, 1, ..., final, new blocks) and computes a
+part only when the first of its tensors is asked for, so one part of the
+output (and the parents' matching parts) is in memory at a time. The result is the
 format Megatron writes (`metadata.json`: torch_dist), loadable at any TP/PP.
 
 Reading is the mirror: `load_parts` fills only the requested tensors of a
@@ -18,6 +18,7 @@ meta-built model's sharded state dict.
 """
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -173,6 +174,8 @@ def _streaming_strategy():
         mcore_to_pyt_state_dict,
     )
     from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import _StoragePrefix
+    from torch.futures import Future
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.planner import WriteItemType
 
@@ -192,6 +195,24 @@ def _streaming_strategy():
             if item.type == WriteItemType.BYTE_IO:
                 return super().resolve_data(item)
             return self.owner.resolve(item)
+
+    class PartFileWriter(FileSystemWriter):
+        """One file per part, written in plan order by one thread. (PyTorch's writer keeps every tensor
+        of a file referenced until the file is closed, so one file for the whole model would hold it all.)"""
+
+        def __init__(self, path: str, part_rank: Callable):
+            super().__init__(path, single_file_per_rank=True, thread_count=1)
+            self.part_rank = part_rank
+
+        def write_data(self, plan, planner):
+            results = []
+            for n, (_, items) in enumerate(itertools.groupby(plan.items, key=self.part_rank)):
+                sub = dataclasses.replace(plan, items=list(items),
+                                          storage_data=_StoragePrefix(f"{plan.storage_data.prefix}{n}_"))
+                results += super().write_data(sub, planner).wait()
+            done = Future()
+            done.set_result(results)
+            return done
 
     class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
         """torch_dist, written by one thread into one file, each tensor made when it is written."""
@@ -218,7 +239,7 @@ def _streaming_strategy():
         def save(self, sharded_state_dict, checkpoint_dir) -> None:
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             pyt = mcore_to_pyt_state_dict(sd, False)
-            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+            writer = PartFileWriter(str(checkpoint_dir), lambda item: self.item_order(item)[0])
             dcp_save(pyt, storage_writer=writer,
                      planner=LazyPlanner(self, dedup_replicated_tensors=False, flatten_state_dict=False))
 

@@ -8,12 +8,16 @@ nothing). Arithmetic is fp32, the result is cast to the first parent's dtype.
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError
 from megatron_jam.convert.vocab import VocabPlan
 from megatron_jam.models.config import ParentConfig
 from megatron_jam.models.jam_gpt import JamGPTConfig
+
+CHUNK = 1 << 22
+"""Elements per slice of the fp32 arithmetic."""
 
 
 def check_same_architecture(a: ParentConfig, b: ParentConfig, method: str) -> None:
@@ -36,7 +40,11 @@ def average(name: str, a: Tensor, b: Tensor, w: float) -> Tensor:
     """w * a + (1 - w) * b in fp32, cast to a's dtype; ConvertError naming the tensor on a shape mismatch."""
     if a.shape != b.shape:
         raise ConvertError(f"tensor {name}: llm shape {tuple(a.shape)} != img shape {tuple(b.shape)}")
-    return (w * a.float() + (1.0 - w) * b.float()).to(a.dtype)
+    out = torch.empty(a.shape, dtype=a.dtype)
+    fa, fb, fo = a.reshape(-1), b.reshape(-1), out.view(-1)
+    for i in range(0, fo.numel(), CHUNK):  # in slices: fp32 temporaries stay small
+        fo[i: i + CHUNK] = w * fa[i: i + CHUNK].float() + (1.0 - w) * fb[i: i + CHUNK].float()
+    return out
 
 
 def uniform_part(a: dict[str, Tensor], b: dict[str, Tensor], plan: VocabPlan, w: float = 0.5) -> dict[str, Tensor]:

@@ -44,18 +44,30 @@ class VocabPlan:
     llm_rows: int
     img_rows: int
     source: str
+    padded_rows: int = 0
+    """Rows of the model's padded vocabulary (fused tables are made this tall, zero-filled); 0: V."""
 
     def describe(self, method: str) -> dict:
         return asdict(self) | {"rule": RULES[method], "llm_rows_dropped": max(0, self.llm_rows - self.text_rows)}
 
     def fuse(self, llm: Tensor, img: Tensor, both: Callable[[Tensor, Tensor], Tensor],
-             img_only: Callable[[Tensor], Tensor]) -> Tensor:
-        """Rows [0, T) from `both(llm[:T], img[:T])`, rows [T, V) from `img_only(img[T:V])`."""
+             img_only: Callable[[Tensor], Tensor], rows: int | None = None) -> Tensor:
+        """Rows [0, T) from `both(llm[:T], img[:T])`, rows [T, V) from `img_only(img[T:V])`, then zero
+        rows up to `rows` (the model's padded vocabulary). Row-wise rules, applied in slices of rows
+        and written into one output: the only full-size tensor made is the result."""
         t, v = self.text_rows, self.vocab_size
-        parts = [both(llm[:t], img[:t])]
-        if v > t:
-            parts.append(img_only(img[t:v]))
-        return torch.cat(parts, dim=0)
+        step = max(1, ROW_SLICE_ELEMENTS // max(1, llm[0].numel()))
+        first = both(llm[: min(step, t)], img[: min(step, t)])
+        out = first.new_zeros(max(rows or self.padded_rows, v), *first.shape[1:])
+        out[: first.shape[0]] = first
+        for i in range(step, t, step):
+            out[i: min(i + step, t)] = both(llm[i: min(i + step, t)], img[i: min(i + step, t)])
+        for i in range(t, v, step):
+            out[i: min(i + step, v)] = img_only(img[i: min(i + step, v)])
+        return out
+
+
+ROW_SLICE_ELEMENTS = 1 << 22
 
 
 def plan_vocab(llm_rows: int, img_rows: int, layout=None, text_vocab_size: int | None = None) -> VocabPlan:

@@ -46,8 +46,15 @@ def block(a: Tensor, b: Tensor, init: str) -> Tensor:
     """Eq. 2 (`copy`) or eq. 3 (`average`) for two [out, in] matrices -> [2 out, 2 in]."""
     if init not in INITS:
         raise ConvertError(f"--width-init {init!r} is not one of {INITS}")
-    right_a, right_b = (a, b) if init == "copy" else ((a.float() + b.float()).div(2).to(a.dtype),) * 2
-    return torch.cat([torch.cat([a, right_a], dim=1), torch.cat([b, right_b], dim=1)], dim=0)
+    o, i = a.shape
+    out = a.new_empty(2 * o, 2 * i)  # filled block by block: no concatenated temporaries
+    out[:o, :i], out[o:, :i] = a, b
+    if init == "copy":
+        out[:o, i:], out[o:, i:] = a, b
+    else:
+        out[:o, i:] = (a.float() + b.float()).div(2).to(a.dtype)
+        out[o:, i:] = out[:o, i:]
+    return out
 
 
 def concat(a: Tensor, b: Tensor) -> Tensor:

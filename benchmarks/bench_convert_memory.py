@@ -1,6 +1,8 @@
 """Peak resident memory of tools/convert_checkpoint.py against the size of the largest parent on disk.
 
-    python benchmarks/bench_convert_memory.py --hidden-size 1024 --num-layers 8 --methods import uniform cross width
+    python benchmarks/bench_convert_memory.py                  # 1.3 GB fp32 Llama-shaped parents (24 x d=1024)
+    python benchmarks/bench_convert_memory.py --from-megatron  # the same, parents as megatron-jam checkpoints
+    python benchmarks/bench_convert_memory.py --num-layers 8   # 0.6 GB parents: the vocabulary tables weigh more
 
 Writes two random Llama-shaped parents (safetensors, fp32, one file per layer
 as big HF checkpoints are sharded), runs each conversion in a fresh process
@@ -87,11 +89,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden-size", type=int, default=1024)
     ap.add_argument("--ffn-hidden-size", type=int, default=2816)
-    ap.add_argument("--num-layers", type=int, default=8)
+    ap.add_argument("--num-layers", type=int, default=24)
     ap.add_argument("--num-heads", type=int, default=16)
     ap.add_argument("--num-kv-heads", type=int, default=8)
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--methods", nargs="+", default=["import", "uniform", "cross", "width"])
+    ap.add_argument("--from-megatron", action="store_true",
+                    help="import both parents first (not measured) and merge the megatron-jam checkpoints")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--output", default=None, help="write the results as JSON")
     ap.add_argument("--write-parent", nargs=2, metavar=("DIR", "SEED"), help=argparse.SUPPRESS)
@@ -104,15 +108,22 @@ def main() -> None:
         for name, seed in (("llm", 1), ("img", 2)):
             subprocess.run([sys.executable, os.path.abspath(__file__), *_shape_flags(args),
                             "--write-parent", os.path.join(work, name), str(seed)], check=True)
-        sizes = [_dir_bytes(os.path.join(work, n)) for n in ("llm", "img")]
+        tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
+        names = ("llm", "img")
+        if args.from_megatron:
+            for n in names:
+                subprocess.run([sys.executable, tool, "--method", "import", "--load", os.path.join(work, n),
+                                "--save", os.path.join(work, f"{n}_mj")], check=True, capture_output=True)
+                shutil.rmtree(os.path.join(work, n))
+            names = ("llm_mj", "img_mj")
+        sizes = [_dir_bytes(os.path.join(work, n)) for n in names]
         largest = max(sizes)
         base, _ = peak_rss_of([sys.executable, "-c", "import torch, megatron.core, megatron_jam"])
         rows = []
-        tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
         for m in args.methods:
             out = os.path.join(work, f"out_{m}")
-            load = ["--load", os.path.join(work, "llm")] if m == "import" else \
-                ["--llm", os.path.join(work, "llm"), "--img", os.path.join(work, "img")]
+            load = ["--load", os.path.join(work, names[0])] if m == "import" else \
+                ["--llm", os.path.join(work, names[0]), "--img", os.path.join(work, names[1])]
             peak, secs = peak_rss_of([sys.executable, tool, "--method", m, *load, "--save", out])
             out_bytes = _dir_bytes(out)
             rows.append(dict(method=m, peak_rss_mb=peak / 2**20, ratio=peak / largest,
@@ -120,8 +131,10 @@ def main() -> None:
                              seconds=round(secs, 1)))
             shutil.rmtree(out)
         result = dict(largest_parent_mb=largest / 2**20, baseline_rss_mb=base / 2**20, rows=rows,
+                      parents="megatron-jam checkpoints" if args.from_megatron else "Hugging Face safetensors",
                       shape=vars(args) | {"workdir": None, "output": None, "write_parent": None})
-        print(f"largest parent on disk: {largest / 2**20:.0f} MB; import-only baseline RSS {base / 2**20:.0f} MB")
+        print(f"parents: {result['parents']}; largest on disk: {largest / 2**20:.0f} MB; "
+              f"import-only baseline RSS {base / 2**20:.0f} MB")
         print(f"{'method':8} {'peak RSS MB':>12} {'peak/parent':>12} {'(peak-base)/parent':>19} {'output MB':>10} {'s':>6}")
         for r in rows:
             print(f"{r['method']:8} {r['peak_rss_mb']:12.0f} {r['ratio']:12.2f} {r['ratio_net_of_baseline']:19.2f} "

@@ -94,8 +94,19 @@ def _hf_from_folder(cls, path):
     from transformers import AutoConfig
 
     model = cls(AutoConfig.from_pretrained(path))
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
+    model.load_state_dict(_folder_tensors(path), strict=False)
     return model.eval()
+
+
+def _folder_tensors(path):
+    """Every tensor of a HF folder's safetensors files (one file or shards)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out |= load_file(os.path.join(path, f))
+    return out
 
 
 def _hf_logits(model, ids):
@@ -149,7 +160,7 @@ def test_export_gives_back_the_original_tensors(single_rank, imported, tmp_path,
 
     hf_dir, _, ckpt = imported[family]
     export_hf(str(ckpt), str(tmp_path / "hf"))
-    a, b = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    a, b = load_file(hf_dir / "model.safetensors"), _folder_tensors(tmp_path / "hf")
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k

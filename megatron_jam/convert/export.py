@@ -5,8 +5,9 @@ The family comes from the checkpoint (`conversion.json`'s HF config, else
 (token ids, ...) and takes the shape from the checkpoint, so a JAM-Width model
 exports as a wider Llama/OPT. Tensors HF has and Megatron lacks (OPT's two
 offset position rows) come back from `hf_extra.safetensors`. Output:
-config.json + model.safetensors, written under a temporary name and renamed.
-Holds the model once (it is one stack).
+config.json + one safetensors file per part (embedding, each layer, final) and
+the `model.safetensors.index.json` that transformers' `from_pretrained` reads,
+written under a temporary name and renamed. One part is in memory at a time.
 """
 
 import json
@@ -20,9 +21,11 @@ from megatron_jam.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)
 
+INDEX_FILE = "model.safetensors.index.json"
+
 
 def export_hf(load: str, save: str) -> dict:
-    """Write `save`/config.json + model.safetensors from the checkpoint in `load`; returns the HF config."""
+    """Write `save`/config.json + sharded safetensors from the checkpoint in `load`; returns the HF config."""
     from safetensors.torch import save_file
 
     if os.path.exists(save) and os.listdir(save):
@@ -33,15 +36,21 @@ def export_hf(load: str, save: str) -> dict:
         raise ConvertError(f"{load}: no Hugging Face family for {src.hf_family!r}")
     module = FAMILIES[src.hf_family]
     hf_cfg = module.hf_config(src.cfg, src.vocab_size, src.tied, base=src.hf_config)
-    tensors = {}
-    for part in parent_parts(src.cfg):
-        tensors |= module.FAMILY.to_hf(src.read(part), src.cfg, src.tied)
     tmp = f"{save.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
+        parts, weight_map = parent_parts(src.cfg), {}
+        for i, part in enumerate(parts):
+            tensors = module.FAMILY.to_hf(src.read(part), src.cfg, src.tied)
+            if not tensors:  # e.g. the final part of a tied model without a learnable norm
+                continue
+            name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            save_file({k: t.contiguous() for k, t in tensors.items()}, os.path.join(tmp, name),
+                      metadata={"format": "pt"})
+            weight_map |= {k: name for k in tensors}
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
         if os.path.exists(save):

@@ -124,6 +124,8 @@ class PartSource:
                                f"({len(unused)} such tensors in part {self.current!r})")
         if self.current is not None:
             self.done.append(self.current)
+        if part in self.done:
+            raise RuntimeError(f"part {part!r} asked for twice: the plan is not grouped by part")
         self.cache, self.used, self.current = {}, set(), part
         if part is None:
             return
@@ -227,11 +229,15 @@ def _streaming_strategy():
         def item_order(self, item) -> tuple:
             if item.type == WriteItemType.BYTE_IO:
                 return (-1, 0)
-            return (self.source.order(self._slot(item).key), 0)
+            return (self._keep_error(lambda: self.source.order(self._slot(item).key)), 0)
 
         def resolve(self, item) -> Tensor:
+            return self._keep_error(
+                lambda: self.source.tensor(self._slot(item)).reshape(item.tensor_data.chunk.sizes))
+
+        def _keep_error(self, fn):
             try:
-                return self.source.tensor(self._slot(item)).reshape(item.tensor_data.chunk.sizes)
+                return fn()
             except Exception as e:  # DCP wraps errors per rank; keep ours to re-raise as is
                 self.error = e
                 raise

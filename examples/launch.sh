@@ -31,4 +31,8 @@ PAPER_INSTRUCT=(--seq-length 4096 --global-batch-size 256 --micro-batch-size 1 -
                 --lr-warmup-iters 300 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
                 --no-cm3 --finetune --log-interval 10 --save-interval 200)
 GPU_ARGS=()
-if has_gpu; then GPU_ARGS=(--bf16 --transformer-impl transformer_engine --use-distributed-optimizer); fi
+if has_gpu; then
+  GPU_ARGS=(--bf16 --use-distributed-optimizer)
+  # Transformer Engine specs where TE is installed (NGC images); Megatron-Core's local specs otherwise.
+  if "$PY" -c "import transformer_engine" >/dev/null 2>&1; then GPU_ARGS+=(--transformer-impl transformer_engine); fi
+fi

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_jam.data.indexed_builder import MODE_IMAGE, read_index_header
+from megatron_jam.parallel.schedule import to_model_device
+from megatron_jam.training.metrics import comm_device
 from megatron_jam.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)
@@ -77,7 +79,7 @@ def _nll_sums(vocab_size: int, batch: dict, logits: torch.Tensor):
     rows = logits.shape[-1]
     first = parallel_state.get_tensor_model_parallel_rank() * rows
     logits = logits.float().transpose(0, 1).contiguous()  # [s, b, V/tp]
-    pad_cols = torch.arange(first, first + rows) >= vocab_size
+    pad_cols = torch.arange(first, first + rows, device=logits.device) >= vocab_size
     logits[..., pad_cols] = float("-inf")
     nll = tensor_parallel.vocab_parallel_cross_entropy(logits, batch["labels"].t().contiguous()).t()  # [b, s]
     img, valid = batch["is_image"], batch["valid"]
@@ -87,7 +89,7 @@ def _nll_sums(vocab_size: int, batch: dict, logits: torch.Tensor):
 
 
 def _forward_step(vocab_size: int, data_iterator, model):
-    batch = next(data_iterator)
+    batch = to_model_device(next(data_iterator))
     logits = model(batch["tokens"], batch["position_ids"])
     return logits, partial(_nll_sums, vocab_size, batch)
 
@@ -113,7 +115,7 @@ def perplexity(chunks: list, vocab_size: int, prefix: str, seq_length: int, micr
     batches = _batches(mine, micro_batch_size)
     for c in chunks:
         c.eval()
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = torch.zeros(4, dtype=torch.float64, device=comm_device())
     if batches:
         reports = forward_backward(chunks, iter(batches) if len(chunks) == 1 else [iter(batches) for _ in chunks],
                                    num_microbatches=len(batches), seq_length=seq_length,
@@ -122,7 +124,7 @@ def perplexity(chunks: list, vocab_size: int, prefix: str, seq_length: int, micr
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True) \
                 and parallel_state.get_tensor_model_parallel_rank() == 0:
             sums = sum((r["sums"] for r in reports), sums)
-    dist.all_reduce(sums)
+    dist.all_reduce(sums)  # on the GPU under NCCL
     return _summary(sums.tolist(), len(all_wins), has_modes)
 
 

@@ -1,13 +1,14 @@
 """Transformer Engine layer specs (same model code, other spec): only where CUDA and TE exist.
 
 On CPU-only machines these skip; the local specs are covered everywhere else.
+Part of the GPU suite (`MEGATRON_JAM_TEST_GPU=1`, see conftest.py).
 """
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not CUDA, reason="needs CUDA (Transformer Engine specs)")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA (Transformer Engine specs)")]
 
 
 def test_te_specs_match_local_specs(single_rank):

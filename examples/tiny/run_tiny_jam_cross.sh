@@ -5,6 +5,7 @@
 #   3. briefly pretrain two tiny parents: a Llama-style LLM on text, a CM3leon-style model on image-text (CM3)
 #   4. merge them (tools/convert_checkpoint.py --method cross)
 #   5. continue pretraining JAM-Cross on the 50/50 blend with 2 processes (TP=2, sequence parallel)
+#      (NPROC=1 for one GPU: TP=1 without sequence parallelism; TRAIN_ARGS="--bf16" adds flags to this step)
 #   6. plot the loss (loss.png next to metrics.jsonl)
 # Output: $OUT (default runs/jam-cross-tiny): checkpoint, model_config.json, vocab_layout.json, metrics.jsonl,
 # loss.png; the corpus, shards, parents and the merged initial checkpoint stay in $WORK.
@@ -19,8 +20,11 @@ TRAIN_ITERS=${TRAIN_ITERS:-60}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 rm -rf "$OUT" "$WORK"
 mkdir -p "$WORK"
+TRAIN_ARGS=(${TRAIN_ARGS:-})   # extra flags for step 5, e.g. TRAIN_ARGS="--bf16" on a GPU
 RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC" -m megatron_jam.pretrain)
-COMMON=(--tensor-model-parallel-size "$NPROC" --sequence-parallel --seq-length 128 --micro-batch-size 4
+SP=()
+if [ "$NPROC" -gt 1 ]; then SP=(--sequence-parallel); fi   # sequence parallelism needs TP > 1 (NPROC=1: one GPU)
+COMMON=(--tensor-model-parallel-size "$NPROC" "${SP[@]}" --seq-length 128 --micro-batch-size 4
         --global-batch-size 8 --lr-warmup-iters 4 --lr-decay-style cosine --weight-decay 0.01 --clip-grad 1.0
         --log-interval 10 --split 95,5,0)
 
@@ -43,7 +47,8 @@ echo "== [4/6] merge: --method cross --cross-every 2"
 echo "== [5/6] JAM-Cross continued pretraining ($TRAIN_ITERS steps, TP=$NPROC, SP) -> $OUT"
 "${RUN[@]}" "${COMMON[@]}" --load "$WORK/cross-init" --data-path 0.5 "$WORK/data/text" 0.5 "$WORK/data/imgtext" \
     --valid-data-path "text=$WORK/data/text" "image=$WORK/data/imgtext" --eval-interval 20 --eval-iters 2 \
-    --train-iters "$TRAIN_ITERS" --lr 1e-3 --min-lr 1e-4 --save "$OUT" --save-interval "$TRAIN_ITERS" --log-interval 2
+    --train-iters "$TRAIN_ITERS" --lr 1e-3 --min-lr 1e-4 --save "$OUT" --save-interval "$TRAIN_ITERS" --log-interval 2 \
+    "${TRAIN_ARGS[@]}"
 echo "== [6/6] loss plot"
 "$PY" -m megatron_jam.training.plot "$OUT"
 cp "$WORK/data/text.vocab.json" "$OUT/vocab_layout.json"   # read by tools/generate_interleaved.py

@@ -242,8 +242,12 @@ class InterleavedGenerator:
 def _tp_broadcast(tokens: torch.Tensor) -> torch.Tensor:
     """Every tensor-parallel rank takes the first rank's ids (they agree already; this makes it certain)."""
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.broadcast(tokens, src=parallel_state.get_tensor_model_parallel_src_rank(),
+        from megatron_jam.training.metrics import comm_device
+
+        on_comm = tokens.to(comm_device())  # NCCL broadcasts GPU tensors only
+        dist.broadcast(on_comm, src=parallel_state.get_tensor_model_parallel_src_rank(),
                        group=parallel_state.get_tensor_model_parallel_group())
+        return on_comm.cpu()
     return tokens
 
 

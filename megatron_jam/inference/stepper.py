@@ -73,18 +73,20 @@ class _Stepper:
     def __init__(self, model, max_positions: int):
         self.model = model
         self.max_positions = max_positions
+        self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def step(self, slots: SlotTable, cache: KVCache, start: int, n: int) -> Tensor:
         """Run slots [start, start+n) (already in `slots`); return full-vocabulary logits `[b, V_padded]`
-        of slot start+n-1 (float32)."""
-        tokens = slots.tokens[:, start:start + n]
-        positions = slots.positions[:, start:start + n]
-        mask = slots.attention_mask(start, n)
+        of slot start+n-1 (float32, on the CPU)."""
+        dev = self.device  # the slot table lives on the CPU; the model may be on a GPU
+        tokens = slots.tokens[:, start:start + n].to(dev)
+        positions = slots.positions[:, start:start + n].to(dev)
+        mask = slots.attention_mask(start, n).to(dev)
         hidden = self._hidden(tokens, positions, cache, start, mask)[-1:]  # [1, b, d]
         logits = self._logits(hidden)  # [1, b, V/tp]
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)  # [1, b, V]
-        return logits[0].float()
+        return logits[0].float().cpu()  # sampling runs on the CPU with a seeded CPU generator
 
     def _rope(self, rotary, positions: Tensor) -> Tensor | None:
         if rotary is None:

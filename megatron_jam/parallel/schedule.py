@@ -35,9 +35,21 @@ def masked_mean_loss(loss_mask: torch.Tensor, modality: torch.Tensor | None, per
     return loss, report
 
 
+def to_model_device(batch: dict) -> dict:
+    """The batch's tensors on this rank's GPU (Megatron-LM's `get_batch`); unchanged on CPU.
+
+    Data sources build micro-batches on the CPU; the model lives on
+    `torch.cuda.current_device()` whenever CUDA is available (`build_model_chunks`).
+    """
+    if not torch.cuda.is_available():
+        return batch
+    dev = torch.cuda.current_device()
+    return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def lm_forward_step(data_iterator: Iterator, model):
     """Megatron forward_step_func: batch dict -> (per-token loss, loss function)."""
-    batch = next(data_iterator)
+    batch = to_model_device(next(data_iterator))
     out = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
     return out, partial(masked_mean_loss, batch["loss_mask"], batch.get("modality"))
 

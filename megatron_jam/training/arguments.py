@@ -143,6 +143,12 @@ def validate_args(args: argparse.Namespace):
     if args.use_distributed_optimizer and not torch.cuda.is_available():
         raise ConfigError("--use-distributed-optimizer needs a GPU: Megatron-Core's DistributedOptimizer keeps "
                           "CUDA tensors only")
+    if args.transformer_impl == "transformer_engine":
+        from megatron_jam.models.specs import HAVE_TE
+
+        if not HAVE_TE:
+            raise ConfigError("--transformer-impl transformer_engine: transformer_engine is not importable "
+                              "(install it, or use --transformer-impl local)")
     if args.fp8_format:
         from megatron_jam.models.specs import HAVE_TE
 

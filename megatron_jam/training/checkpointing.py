@@ -90,10 +90,76 @@ def _model_state(chunks: list) -> dict:
     return {k: unwrap(c).sharded_state_dict() for k, c in zip(_model_state_keys(len(chunks)), chunks)}
 
 
+def _optimizer_metadata(optimizer) -> dict | None:
+    """How the distributed optimizer's state is sharded in the checkpoint (None: a plain optimizer).
+
+    Megatron-Core 0.16's own default for `DistributedOptimizer.sharded_state_dict`,
+    'fully_sharded_model_space', builds `ShardedTensor`s with a `flattened_range`, which its
+    checkpoint validation then refuses ("ShardedTensor.flattened_range is not supported"); Megatron-LM
+    always passes a format. We take Megatron-LM's default, 'dp_reshardable' (each rank writes its
+    own optimizer shard; the state reloads at another data-parallel size, not another TP/PP).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer])):
+        return {"distrib_optim_sharding_type": "dp_reshardable"}
+    return None
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state before a checkpoint is built or loaded.
+
+    Without Apex or Transformer Engine, Megatron-Core 0.16's `DistributedOptimizer.state_dict()`
+    reads the `step` of torch's Adam state and asserts there is exactly one value: on an optimizer
+    that has not stepped yet (every resume) there is none. Megatron-LM never meets this because it
+    runs with TE or Apex. The zeros allocated here are what the first step would allocate; the
+    checkpoint's values overwrite them.
+    """
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if dopt.HAVE_APEX_OR_TE:
+        return
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(o, dopt.DistributedOptimizer) or len(o.optimizer.state) > 0:
+            continue
+        for group in o.optimizer.param_groups:
+            for p in group["params"]:
+                o.optimizer.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                            step=torch.tensor(0.0))
+
+
+def _restore_distributed_optimizer_step(optimizer, loaded: dict) -> None:
+    """Put back Adam's `step` after a distributed optimizer loaded its state (no Apex / TE).
+
+    The step is saved in the optimizer's param groups; the 'dp_reshardable' parameter state keeps
+    it as a `LocalNonpersistentObject`, so `load_state_dict` first sets the checkpoint's step and
+    then copies the *local* step of the freshly built optimizer (0) over it: the first resumed
+    update would use step 1's bias correction (seen on an H200: losses drifted from the second
+    resumed step on).
+    """
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if dopt.HAVE_APEX_OR_TE:
+        return
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded[i] for i in range(len(chained))] if len(chained) > 1 else [loaded]
+    for o, sd in zip(chained, states):
+        if not isinstance(o, dopt.DistributedOptimizer):
+            continue
+        steps = {g["step"] for g in sd["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) != 1:
+            raise RuntimeError(f"distributed optimizer checkpoint: expected one Adam step, found {sorted(steps)}")
+        step = float(steps.pop())
+        for st in o.optimizer.state.values():
+            st["step"] = torch.tensor(step)
+
+
 def _sharded_state(chunks, optimizer, scheduler, loading: bool) -> dict:
     state = _model_state(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading)
+        _allocate_distributed_optimizer_state(optimizer)  # a no-op once it has stepped
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading,
+                                                          metadata=_optimizer_metadata(optimizer))
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     shape, offset = _rank_coords()
@@ -161,10 +227,11 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, loa
     path, iteration = resolve_checkpoint_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(path)
     model_only = finetune or "opt_param_scheduler" not in common
+    fresh_optimizer = None
     if model_only:
         log_rank0(logger, "loading model weights only from %s (%s)", path,
                   "--finetune" if finetune else "the checkpoint has no optimizer state")
-        optimizer = scheduler = None
+        fresh_optimizer, optimizer, scheduler = optimizer, None, None
         load_rng = False
     state = _sharded_state(chunks, optimizer, scheduler, loading=True)
     if not load_rng:
@@ -174,11 +241,17 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, loa
         unwrap(chunk).load_state_dict(loaded[key])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _restore_distributed_optimizer_step(optimizer, loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
     if model_only:
+        if fresh_optimizer is not None:
+            # bf16: the optimizer copied the *initial* weights into its fp32 main parameters when it
+            # was built; without this its first step writes them back over the loaded ones
+            # (Megatron-LM calls the same after a weights-only load). A no-op for fp32.
+            fresh_optimizer.reload_model_params()
         return 0, 0
     log_rank0(logger, "loaded checkpoint %s (iteration %d)", path, common["iteration"])
     return int(common["iteration"]), int(common["consumed_samples"])

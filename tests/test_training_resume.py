@@ -125,6 +125,13 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(pool2):
     assert math.isnan(steps[2][2]) and all(math.isfinite(l) for i, _, l in steps if i != 3)
 
 
+def test_skipped_count_survives_a_resume(pool2, tmp_path):
+    status, steps = pool2.run(_nonfinite_body, [5], ["--train-iters", "4", "--save", str(tmp_path)])[0]
+    assert status == "finished" and [s for _, s, _ in steps] == [0, 0, 1, 1]
+    status, steps = pool2.run(_nonfinite_body, [], ["--train-iters", "6", "--save", str(tmp_path)])[0]
+    assert status == "finished" and [(i, s) for i, s, _ in steps] == [(5, 1), (6, 1)]
+
+
 def test_too_many_nonfinite_steps_stop_with_checkpoint(pool2, tmp_path):
     out = pool2.run(_nonfinite_body, list(range(1, 100)), ["--max-skipped-steps", "3", "--save", str(tmp_path)])
     status, message = out[0]

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -167,9 +168,18 @@ def _sharded_state(chunks, optimizer, scheduler, loading: bool) -> dict:
     return state
 
 
+class Position(NamedTuple):
+    """Where a run stands: what a resume restores besides the weights and optimizer."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+    """Updates skipped for non-finite gradients over the whole run (Megatron-LM's counter)."""
+
+
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks: list, optimizer=None,
                     scheduler=None, model_config: dict | None = None, args: dict | None = None,
-                    async_queue=None) -> str:
+                    async_queue=None, skipped_iterations: int = 0) -> str:
     """Save everything needed to resume; update `latest` only once the checkpoint is complete.
 
     With `async_queue` (a Megatron `AsyncCallsQueue`, `--async-save`) the tensors are written by
@@ -183,6 +193,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks: li
     state = _sharded_state(chunks, optimizer, scheduler, loading=False)
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
+    state["skipped_iterations"] = skipped_iterations
     state["args"] = json.dumps(args or {}, default=str, sort_keys=True)
     publish = functools.partial(_publish, root, path, iteration, consumed_samples, model_config)
     if async_queue is not None:
@@ -217,8 +228,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, load_rng: bool = True,
-                    iteration: int | None = None, finetune: bool = False) -> tuple[int, int]:
-    """Restore model (and optimizer, scheduler, RNG if given/asked); returns (iteration, consumed samples).
+                    iteration: int | None = None, finetune: bool = False) -> Position:
+    """Restore model (and optimizer, scheduler, RNG if given/asked); returns where the run stands.
 
     `finetune` (Megatron's `--finetune`) loads the model weights only and starts at iteration 0.
     A checkpoint that holds only a model (what `tools/convert_checkpoint.py` writes) is loaded
@@ -252,6 +263,8 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, loa
             # was built; without this its first step writes them back over the loaded ones
             # (Megatron-LM calls the same after a weights-only load). A no-op for fp32.
             fresh_optimizer.reload_model_params()
-        return 0, 0
+        return Position()
     log_rank0(logger, "loaded checkpoint %s (iteration %d)", path, common["iteration"])
-    return int(common["iteration"]), int(common["consumed_samples"])
+    # checkpoints written before the counter was saved have none: count from 0
+    return Position(int(common["iteration"]), int(common["consumed_samples"]),
+                    int(common.get("skipped_iterations", 0)))

@@ -125,7 +125,8 @@ class _Run:
     def save(self) -> None:
         if self.args.save:
             save_checkpoint(self.args.save, self.iteration, self.consumed, self.chunks, self.opt, self.sched,
-                            model_config=self.cfg.to_dict(), args=vars(self.args), async_queue=self.async_queue)
+                            model_config=self.cfg.to_dict(), args=vars(self.args), async_queue=self.async_queue,
+                            skipped_iterations=self.skipped_total)
 
     def finalize_saves(self, blocking: bool) -> None:
         """Publish finished background saves (all of them when `blocking`)."""
@@ -214,8 +215,8 @@ def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
     resume_from = _resume_dir(args)
     if resume_from:
         finetune = args.finetune and resume_from == args.load
-        run.iteration, run.consumed = load_checkpoint(resume_from, chunks, opt, sched, load_rng=not args.no_load_rng,
-                                                      finetune=finetune)
+        run.iteration, run.consumed, run.skipped_total = load_checkpoint(
+            resume_from, chunks, opt, sched, load_rng=not args.no_load_rng, finetune=finetune)
     metrics_file = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
     writer = MetricsWriter(metrics_file, args.tensorboard_dir, args.wandb_project, vars(args))
     data, valid_sets = build_data_sources(args, cfg)

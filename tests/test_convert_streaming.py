@@ -130,3 +130,25 @@ def test_cross_new_blocks_start_as_the_model_initialises_them(single_rank, tmp_p
     d = cfg.llm.hidden_size
     eye = torch.eye(d)
     assert torch.equal(state["fusion.weight"], torch.cat([eye, eye], dim=1) * 0.5)
+
+
+def test_rows_read_slices_of_a_safetensors_table(tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_jam.convert.readers import read_safetensors
+
+    table, bias = torch.randn(37, 5).to(torch.bfloat16), torch.randn(3)
+    save_file({"table": table, "bias": bias, "scalar": torch.tensor(2.5)}, str(tmp_path / "m.safetensors"))
+    got = read_safetensors(str(tmp_path / "m.safetensors"), ["table", "bias", "scalar"], lazy={"table"})
+    rows = got["table"]
+    assert not isinstance(rows, torch.Tensor) and tuple(rows.shape) == (37, 5) and rows.dtype == torch.bfloat16
+    assert torch.equal(rows[:], table) and torch.equal(rows[10:17], table[10:17])
+    assert torch.equal(rows[3], table[3]) and torch.equal(rows[-1], table[-1]) and rows[40:].shape == (0, 5)
+    assert torch.equal(got["bias"], bias) and got["scalar"].item() == 2.5
+    padded = torch.zeros(40, 5, dtype=torch.bfloat16)
+    rows.read_into(padded)
+    assert torch.equal(padded[:37], table) and not padded[37:].any()
+    with open(tmp_path / "m.safetensors", "r+b") as f:  # keep the header and 10 bytes of data
+        f.truncate(8 + int.from_bytes(f.read(8), "little") + 10)
+    with pytest.raises(ConvertError, match="is truncated"):
+        read_safetensors(str(tmp_path / "m.safetensors"), ["table"], lazy={"table"})["table"][:]

@@ -47,8 +47,11 @@ class HFParent:
         return f"hf:{self.module.FAMILY.name}:{self.path}"
 
     def read(self, part) -> dict[str, Tensor]:
-        """One part as canonical Megatron tensors (plus `hf_extra.*` where HF has more)."""
+        """One part as canonical Megatron tensors (plus `hf_extra.*` where HF has more). The vocabulary
+        tables come as `Rows` (read when sliced): converters take them row-wise (`VocabPlan.fuse`)."""
         keys = self.module.FAMILY.hf_keys(part, self.cfg, self.tied)
+        tables = {hk for names in self.module.FAMILY.top_map(self.cfg, self.tied).values()
+                  for hk, mk in names.items() if mk in (EMB, OUT)}
         missing = [k for k in keys if k not in self._files]
         if missing:
             raise ConvertError(f"{self.path}: tensor {missing[0]} is missing from the safetensors files "
@@ -58,7 +61,7 @@ class HFParent:
         for k in keys:
             by_file.setdefault(self._files[k], []).append(k)
         for fname, names in by_file.items():
-            hf |= read_safetensors(os.path.join(self.path, fname), names)
+            hf |= read_safetensors(os.path.join(self.path, fname), names, lazy=tables)
         return self.module.FAMILY.to_megatron(hf, self.cfg, self.vocab_size, self.tied, where=self.path)
 
     def output_rows(self) -> Tensor:
@@ -149,31 +152,70 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path: str, names: list[str]) -> dict[str, Tensor]:
-    """Named tensors of one .safetensors file, read into fresh tensors with plain file reads.
+def read_safetensors(path: str, names: list[str], lazy: set[str] = frozenset()) -> dict:
+    """Named tensors of one .safetensors file, read into fresh tensors with plain file reads (names in
+    `lazy` come back as `Rows`, read when sliced).
 
     Why not `safe_open`: it memory-maps the file, and mapped pages a tensor is copied from count
     in the process's resident memory until the file is closed, doubling a part's footprint."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-        out = {}
-        for name in names:
-            meta = header.get(name)
-            if meta is None:
-                raise ConvertError(f"{path}: tensor {name} is not in this file")
-            if meta["dtype"] not in SAFETENSORS_DTYPES:
-                raise ConvertError(f"{path}: tensor {name} has dtype {meta['dtype']}, which the converter does not read")
-            t = torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
-            start, end = meta["data_offsets"]
-            if end - start != t.nbytes:
-                raise ConvertError(f"{path}: tensor {name} has {end - start} bytes for shape {meta['shape']} "
-                                   f"{meta['dtype']} ({t.nbytes} expected)")
-            f.seek(8 + n + start)
-            if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != t.nbytes:
-                raise ConvertError(f"{path}: tensor {name} is truncated")
-            out[name] = t
+    out = {}
+    for name in names:
+        rows = Rows(path, name, header.get(name), 8 + n)
+        out[name] = rows if name in lazy else rows[:]
     return out
+
+
+class Rows:
+    """A `[rows, ...]` tensor in a safetensors file; `rows[i:j]` reads just those rows from disk.
+
+    The vocabulary tables are a parent's largest tensors, and a merge only ever takes them row
+    by row, so it need not hold both parents' tables whole (only the fused result)."""
+
+    def __init__(self, path: str, name: str, meta: dict | None, data_start: int):
+        if meta is None:
+            raise ConvertError(f"{path}: tensor {name} is not in this file")
+        if meta["dtype"] not in SAFETENSORS_DTYPES:
+            raise ConvertError(f"{path}: tensor {name} has dtype {meta['dtype']}, which the converter does not read")
+        self.path, self.name = path, name
+        self.dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+        self.shape = torch.Size(meta["shape"])
+        start, end = meta["data_offsets"]
+        self.offset = data_start + start
+        nbytes = self.shape.numel() * self.dtype.itemsize
+        if end - start != nbytes:
+            raise ConvertError(f"{path}: tensor {name} has {end - start} bytes for shape {meta['shape']} "
+                               f"{meta['dtype']} ({nbytes} expected)")
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def __getitem__(self, index) -> Tensor:
+        if not self.shape:  # a scalar: rows[:] is the whole tensor
+            out = torch.empty((), dtype=self.dtype)
+            self._read_into(out, 0)
+            return out
+        if isinstance(index, int):
+            return self[index: index + 1][0] if index >= 0 else self[len(self) + index]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError(f"{self.name}: only contiguous row slices are read")
+        out = torch.empty((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
+        self._read_into(out, start)
+        return out
+
+    def read_into(self, out: Tensor) -> None:
+        """All rows into `out[:len(self)]` (contiguous), e.g. the head of a zero-padded table."""
+        self._read_into(out[: len(self)], 0)
+
+    def _read_into(self, out: Tensor, first_row: int) -> None:
+        row = self.shape[1:].numel() * self.dtype.itemsize
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + first_row * row)
+            if out.nbytes and f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != out.nbytes:
+                raise ConvertError(f"{self.path}: tensor {self.name} is truncated")
 
 
 def tokenizer_identity(path: str) -> str:

@@ -140,8 +140,13 @@ class PartSource:
             raise ConvertError(f"no converted tensor for {slot.key} (part {self.current!r} does not make it)")
         t = self.cache[slot.key]
         if slot.key in self.padded_rows and t.shape[0] <= slot.shape[0] and tuple(t.shape[1:]) == slot.shape[1:]:
-            if t.shape[0] < slot.shape[0]:
-                t = torch.cat([t, t.new_zeros(slot.shape[0] - t.shape[0], *t.shape[1:])])
+            if t.shape[0] < slot.shape[0] or not isinstance(t, Tensor):
+                padded = torch.zeros(slot.shape, dtype=t.dtype)
+                if isinstance(t, Tensor):
+                    padded[: t.shape[0]] = t
+                else:  # rows still on disk (`readers.Rows`): read straight into the padded table
+                    t.read_into(padded)
+                t = padded
         elif tuple(t.shape) != slot.shape:
             raise ConvertError(f"tensor {slot.key}: converted shape {tuple(t.shape)} != model shape {slot.shape}")
         t = t.to(slot.dtype).contiguous()

@@ -54,7 +54,8 @@ class VocabPlan:
              img_only: Callable[[Tensor], Tensor], rows: int | None = None) -> Tensor:
         """Rows [0, T) from `both(llm[:T], img[:T])`, rows [T, V) from `img_only(img[T:V])`, then zero
         rows up to `rows` (the model's padded vocabulary). Row-wise rules, applied in slices of rows
-        and written into one output: the only full-size tensor made is the result."""
+        and written into one output: the only full-size tensor made is the result. `llm` and `img`
+        are tensors or `readers.Rows` (tables still on disk, read a slice at a time)."""
         t, v = self.text_rows, self.vocab_size
         step = max(1, ROW_SLICE_ELEMENTS // max(1, llm[0].numel()))
         first = both(llm[: min(step, t)], img[: min(step, t)])

@@ -110,19 +110,11 @@ class CheckpointWriter:
 
 def load_checkpoint(chunks: list, path: str) -> None:
     """Load a checkpoint's model weights into this rank's chunks (any TP/PP layout); `path` is a
-    converted checkpoint or a training `--save` directory (its latest complete iteration)."""
-    from megatron.core import dist_checkpointing
+    converted checkpoint or a training `--save` directory (its latest complete iteration). The
+    trainer's loader with `--finetune` semantics: one model-only loading path for every tool."""
+    from megatron_jam.training.checkpointing import load_checkpoint as load_run
 
-    from megatron_jam.parallel.model import unwrap
-    from megatron_jam.training.checkpointing import resolve_checkpoint_dir
-
-    path, _ = resolve_checkpoint_dir(path)
-    for chunk in chunks:
-        m = unwrap(chunk)
-        wanted = m.sharded_state_dict()
-        loaded = dist_checkpointing.load(wanted, path)
-        # a training checkpoint's common state (optimizer groups, iteration, ...) comes back too
-        m.load_state_dict({k: loaded[k] for k in wanted})
+    load_run(path, chunks, finetune=True)
 
 
 def load_state_on_one_rank(path: str, cfg) -> dict[str, Tensor]:

@@ -241,7 +241,7 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, loa
     fresh_optimizer = None
     if model_only:
         log_rank0(logger, "loading model weights only from %s (%s)", path,
-                  "--finetune" if finetune else "the checkpoint has no optimizer state")
+                  "weights only requested" if finetune else "the checkpoint has no optimizer state")
         fresh_optimizer, optimizer, scheduler = optimizer, None, None
         load_rng = False
     state = _sharded_state(chunks, optimizer, scheduler, loading=True)

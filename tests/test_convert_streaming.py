@@ -152,3 +152,17 @@ def test_rows_read_slices_of_a_safetensors_table(tmp_path):
         f.truncate(8 + int.from_bytes(f.read(8), "little") + 10)
     with pytest.raises(ConvertError, match="is truncated"):
         read_safetensors(str(tmp_path / "m.safetensors"), ["table"], lazy={"table"})["table"][:]
+
+
+def test_checkpoint_rows_load_slices_of_a_stored_table(single_rank, tmp_path):
+    from megatron_jam.convert.readers import MegatronParent
+
+    hf = make_llama(tmp_path / "a")
+    convert("import", tmp_path / "ck", tmp_path / "a")
+    rows = MegatronParent(str(tmp_path / "ck")).read("embedding")[EMB]
+    table = hf.get_input_embeddings().weight.detach()
+    assert not isinstance(rows, torch.Tensor) and tuple(rows.shape) == tuple(table.shape)  # padding cut off
+    assert torch.equal(rows[:], table) and torch.equal(rows[7:30], table[7:30]) and torch.equal(rows[-1], table[-1])
+    padded = torch.ones(V + 28, table.shape[1])
+    rows.read_into(padded)
+    assert torch.equal(padded[:V], table) and (padded[V:] == 1).all()

@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 
+import torch
+
 from megatron_jam.convert.checkpoint import ensure_single_rank
 from megatron_jam.convert.common import ConvertError, parent_parts
 from megatron_jam.convert.readers import FAMILIES, MegatronParent
@@ -46,7 +48,8 @@ def export_hf(load: str, save: str) -> dict:
             if not tensors:  # e.g. the final part of a tied model without a learnable norm
                 continue
             name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-            save_file({k: t.contiguous() for k, t in tensors.items()}, os.path.join(tmp, name),
+            tensors = {k: (t if isinstance(t, torch.Tensor) else t[:]).contiguous() for k, t in tensors.items()}
+            save_file(tensors, os.path.join(tmp, name),
                       metadata={"format": "pt"})
             weight_map |= {k: name for k in tensors}
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:

@@ -116,18 +116,23 @@ class MegatronParent:
         return load_parts(self._sharded, keys, self._dir) if keys else {}
 
     def read(self, part) -> dict[str, Tensor]:
+        """One part's tensors; the vocabulary tables as `CheckpointRows` (loaded a row slice at a time)."""
         from megatron_jam.convert.common import part_of
 
-        out = self._load([k for k in self._sharded if part_of(k) == part])
-        for k in (EMB, OUT):
-            if k in out:
-                out[k] = out[k][: self.vocab_size]
+        keys = [k for k in self._sharded if part_of(k) == part]
+        out = self._load([k for k in keys if k not in (EMB, OUT)])
+        out |= {k: self._rows(k) for k in keys if k in (EMB, OUT)}
         if part == "embedding":
             out |= {k: t for k, t in self.extra.items() if k.startswith(HF_EXTRA)}
         return out
 
-    def output_rows(self) -> Tensor:
-        return self._load([EMB if self.tied else OUT])[EMB if self.tied else OUT][: self.vocab_size]
+    def output_rows(self):
+        return self._rows(EMB if self.tied else OUT)
+
+    def _rows(self, key: str):
+        from megatron_jam.convert.streaming import CheckpointRows
+
+        return CheckpointRows(self._sharded[key], self._dir, self.vocab_size)
 
     def tokenizer_identity(self) -> str:
         return tokenizer_identity(self.path)

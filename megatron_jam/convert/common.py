@@ -113,3 +113,39 @@ def part_of(key: str):
     if key.startswith("fusion."):
         return ("fusion",)
     return "final"
+
+
+class RowTable:
+    """A `[rows, ...]` table read a slice of rows at a time (`t[i:j]`, `t[i]`, `t[:]`), for the vocabulary
+    tables, a parent's largest tensors, which a merge takes row by row (`VocabPlan.fuse`) and so need
+    not hold whole. Subclasses set `name`, `shape`, `dtype` and say where rows come from (`_read_into`)."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def __getitem__(self, index) -> Tensor:
+        if not self.shape:  # a scalar: t[:] is the whole tensor
+            out = torch.empty((), dtype=self.dtype)
+            self._read_into(out, 0)
+            return out
+        if isinstance(index, int):
+            return self[index: index + 1][0] if index >= 0 else self[len(self) + index]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError(f"{self.name}: only contiguous row slices are read")
+        out = torch.empty((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
+        if out.numel():
+            self._read_into(out, start)
+        return out
+
+    def read_into(self, out: Tensor) -> None:
+        """All rows into `out[:len(self)]` (contiguous), e.g. the head of a zero-padded table."""
+        if len(self):
+            self._read_into(out[: len(self)], 0)
+
+    def _read_into(self, out: Tensor, first_row: int) -> None:
+        raise NotImplementedError

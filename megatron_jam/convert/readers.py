@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from megatron_jam.convert import hf_llama, hf_opt
-from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError
+from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError, RowTable
 from megatron_jam.models.config import ParentConfig
 
 FAMILIES = {"llama": hf_llama, "opt": hf_opt}
@@ -173,11 +173,8 @@ def read_safetensors(path: str, names: list[str], lazy: set[str] = frozenset()) 
     return out
 
 
-class Rows:
-    """A `[rows, ...]` tensor in a safetensors file; `rows[i:j]` reads just those rows from disk.
-
-    The vocabulary tables are a parent's largest tensors, and a merge only ever takes them row
-    by row, so it need not hold both parents' tables whole (only the fused result)."""
+class Rows(RowTable):
+    """A `[rows, ...]` tensor in a safetensors file; `rows[i:j]` reads just those rows from disk."""
 
     def __init__(self, path: str, name: str, meta: dict | None, data_start: int):
         if meta is None:
@@ -194,32 +191,11 @@ class Rows:
             raise ConvertError(f"{path}: tensor {name} has {end - start} bytes for shape {meta['shape']} "
                                f"{meta['dtype']} ({nbytes} expected)")
 
-    def __len__(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    def __getitem__(self, index) -> Tensor:
-        if not self.shape:  # a scalar: rows[:] is the whole tensor
-            out = torch.empty((), dtype=self.dtype)
-            self._read_into(out, 0)
-            return out
-        if isinstance(index, int):
-            return self[index: index + 1][0] if index >= 0 else self[len(self) + index]
-        start, stop, step = index.indices(len(self))
-        if step != 1:
-            raise IndexError(f"{self.name}: only contiguous row slices are read")
-        out = torch.empty((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
-        self._read_into(out, start)
-        return out
-
-    def read_into(self, out: Tensor) -> None:
-        """All rows into `out[:len(self)]` (contiguous), e.g. the head of a zero-padded table."""
-        self._read_into(out[: len(self)], 0)
-
     def _read_into(self, out: Tensor, first_row: int) -> None:
         row = self.shape[1:].numel() * self.dtype.itemsize
         with open(self.path, "rb") as f:
             f.seek(self.offset + first_row * row)
-            if out.nbytes and f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != out.nbytes:
+            if f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != out.nbytes:
                 raise ConvertError(f"{self.path}: tensor {self.name} is truncated")
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from megatron_jam.convert.common import ConvertError
+from megatron_jam.convert.common import ConvertError, RowTable
 
 Part = int | str | tuple
 """A part of a model: 'embedding', a layer index, 'final', or a tuple naming a new block."""
@@ -291,38 +291,19 @@ def _unprepend(sh):
     return dataclasses.replace(sh, data=data, local_shape=tuple(data.shape), prepend_axis_num=0)
 
 
-class CheckpointRows:
+class CheckpointRows(RowTable):
     """Rows [0, rows) of a vocabulary table in a torch_dist checkpoint; `t[i:j]` loads just those rows
-    (a row-range shard of the stored table). The same interface as `readers.Rows`."""
+    (a row-range shard of the stored table)."""
 
     def __init__(self, entry, path: str, rows: int):
-        self.entry, self.path = entry, path
+        self.entry, self.path, self.name = entry, path, entry.key
         self.shape = torch.Size((rows, *entry.local_shape[1:]))
         self.dtype = entry.dtype
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index) -> Tensor:
-        if isinstance(index, int):
-            return self[index: index + 1][0] if index >= 0 else self[len(self) + index]
-        start, stop, step = index.indices(len(self))
-        if step != 1:
-            raise IndexError(f"{self.entry.key}: only contiguous row slices are read")
-        out = torch.empty((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
-        self._load_into(out, start)
-        return out
-
-    def read_into(self, out: Tensor) -> None:
-        """All rows into `out[:len(self)]` (contiguous)."""
-        self._load_into(out[: len(self)], 0)
-
-    def _load_into(self, out: Tensor, first_row: int) -> None:
+    def _read_into(self, out: Tensor, first_row: int) -> None:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-        if out.shape[0] == 0:
-            return
         shard = ShardedTensor(key=self.entry.key, data=out, dtype=self.dtype, local_shape=tuple(out.shape),
                               global_shape=self.entry.global_shape, global_offset=(first_row, 0),
                               axis_fragmentations=None, replica_id=0)

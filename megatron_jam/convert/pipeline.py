@@ -65,15 +65,14 @@ def convert(opts: ConvertOptions) -> dict:
     except ConfigError as e:
         raise ConvertError(f"the converted model cannot run at the target layout: {e}") from e
     parts = parent_parts(parents[0].cfg) + (new_parts(cfg) if opts.method == "cross" else [])
+    done = []
     with CheckpointWriter(cfg, opts.save, bf16=opts.bf16) as writer, _progress(parts) as bar:
         def convert_part(part):
             out = part_fn(part)
-            bar.update()
             done.append(part)
+            bar.update()
             log_rank0(logger, "converted part %s (%d of %d)", part, len(done), len(parts))
             return out
-
-        done = []
 
         writer.write(parts, convert_part)
         writer.finish(record)

@@ -65,3 +65,13 @@ def test_bf16_on_cpu_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match="--bf16 needs a GPU"):
         validate_args(build_parser().parse_args(["--bf16"]))
+
+
+def test_log_line_says_n_a_for_a_modality_without_tokens():
+    from megatron_jam.training.metrics import format_line
+
+    r = dict(iteration=3, consumed_samples=24, iteration_time_ms=1.0, lr=1e-3, global_batch_size=8, lm_loss=2.0,
+             text_loss=2.0, image_loss=float("nan"), grad_norm=1.0, tokens_per_sec=10.0, tflops_per_gpu=0.0,
+             skipped_iterations=0)
+    line = format_line(r, 10)
+    assert "text loss: 2.0000E+00 | image loss: n/a |" in line and "NAN" not in line.upper().replace("N/A", "")

@@ -32,7 +32,8 @@ from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 from megatron_jam.parallel.schedule import forward_backward, lm_forward_step
 from megatron_jam.training.arguments import build_parser, validate_args
 from megatron_jam.training.checkpointing import load_checkpoint, read_latest, save_checkpoint
-from megatron_jam.training.metrics import MetricsWriter, any_rank_true, format_line, reduce_step_losses
+from megatron_jam.training.metrics import (MetricsWriter, any_rank_true, format_line, format_modality_loss,
+                                            reduce_step_losses)
 from megatron_jam.training.data import build_data_sources
 from megatron_jam.training.signals import SigtermFlag
 from megatron_jam.utils.logging import get_logger, log_rank0
@@ -100,8 +101,8 @@ def _evaluate(chunks, args, valid_sets: dict, iteration: int, writer: MetricsWri
         record = {"iteration": iteration, "valid_set": name, **{f"valid_{k}": v for k, v in mean.items()},
                   "valid_ppl": math.exp(min(mean["lm_loss"], 50.0))}
         writer.write(record, f" validation {name} at iteration {iteration} | lm loss: {mean['lm_loss']:.6E} | "
-                             f"PPL: {record['valid_ppl']:.3f} | text loss: {mean['text_loss']:.4E} | "
-                             f"image loss: {mean['image_loss']:.4E}")
+                             f"PPL: {record['valid_ppl']:.3f} | text loss: {format_modality_loss(mean['text_loss'])} | "
+                             f"image loss: {format_modality_loss(mean['image_loss'])}")
         results[name] = mean
     for c in chunks:
         c.train()

@@ -112,11 +112,18 @@ def _jsonable(v):
     return v
 
 
+def format_modality_loss(v: float) -> str:
+    """A text / image loss for the log line: 'n/a' where the batch had no tokens of that modality
+    (the value is NaN then; metrics.jsonl holds null)."""
+    return "n/a" if math.isnan(v) else f"{v:.4E}"
+
+
 def format_line(r: dict, train_iters: int) -> str:
     """Megatron-LM's iteration line, plus text/image losses and throughput."""
     return (f" iteration {r['iteration']:6d}/{train_iters:6d} | consumed samples: {r['consumed_samples']:9d} | "
             f"elapsed time per iteration (ms): {r['iteration_time_ms']:.1f} | learning rate: {r['lr']:.3E} | "
             f"global batch size: {r['global_batch_size']:5d} | lm loss: {r['lm_loss']:.6E} | "
-            f"text loss: {r['text_loss']:.4E} | image loss: {r['image_loss']:.4E} | grad norm: {r['grad_norm']:.3f} | "
+            f"text loss: {format_modality_loss(r['text_loss'])} | image loss: {format_modality_loss(r['image_loss'])} | "
+            f"grad norm: {r['grad_norm']:.3f} | "
             f"tokens/s: {r['tokens_per_sec']:.0f} | TFLOP/s/GPU: {r['tflops_per_gpu']:.3f} | "
             f"skipped iterations: {r['skipped_iterations']}")

@@ -83,4 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer re-imports entry scripts with spawn
+    from megatron_jam.utils.memory import return_large_frees_to_os
+
+    return_large_frees_to_os()  # this process only: freed parts give their pages back (docs/convert.md)
     sys.exit(main())

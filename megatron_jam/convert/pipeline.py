@@ -22,7 +22,6 @@ from megatron_jam.convert.width import width_config, width_part
 from megatron_jam.models.config import ConfigError
 from megatron_jam.models.jam_gpt import JamGPTConfig, validate_model_parallel
 from megatron_jam.utils.logging import get_logger, log_rank0
-from megatron_jam.utils.memory import return_large_frees_to_os
 
 logger = get_logger(__name__)
 
@@ -57,7 +56,6 @@ def convert(opts: ConvertOptions) -> dict:
     if not 0.0 <= opts.llm_weight <= 1.0:
         raise ConvertError(f"--llm-weight {opts.llm_weight} must be in [0, 1]")
     ensure_single_rank(opts.seed)
-    return_large_frees_to_os()
     parents = [open_parent(p) for p in opts.load]
     cfg, part_fn, record = _plan(opts, parents)
     try:

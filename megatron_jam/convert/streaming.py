@@ -222,7 +222,7 @@ def _streaming_strategy():
             return done
 
     class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
-        """torch_dist, written by one thread into one file, each tensor made when it is written."""
+        """torch_dist, written by one thread, one file per part, each tensor made when it is written."""
 
         def __init__(self, source: PartSource, slots: dict[tuple, _Slot]):
             super().__init__("torch_dist", 1, thread_count=1)

@@ -194,6 +194,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks: li
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
     state["skipped_iterations"] = skipped_iterations
+    state["parallel_layout"] = list(_rank_coords()[0])  # (PP, TP, DP): what a resume at another layout checks
     state["args"] = json.dumps(args or {}, default=str, sort_keys=True)
     publish = functools.partial(_publish, root, path, iteration, consumed_samples, model_config)
     if async_queue is not None:
@@ -227,6 +228,24 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_layout(path: str, saved: list | None, optimizer, load_rng: bool) -> bool:
+    """Resuming at another parallel layout: weights, Adam state and scheduler reshard (Megatron's sharded
+    state dicts), each rank's RNG state has no counterpart (not loaded, said once), and the distributed
+    optimizer's dp_reshardable state reloads at another DP size only (a clear error). Returns load_rng."""
+    now = list(_rank_coords()[0])
+    if saved is None or saved == now:
+        return load_rng
+    layout = "(PP, TP, DP) = ({}, {}, {})"
+    if saved[:2] != now[:2] and _optimizer_metadata(optimizer) is not None:
+        raise RuntimeError(f"{path}: the distributed optimizer's state was saved at {layout.format(*saved)} and "
+                           f"reloads at another data-parallel size only; this run is {layout.format(*now)}. "
+                           "Resume at the saved TP/PP, or load the weights alone with --finetune")
+    if load_rng:
+        log_rank0(logger, "resuming %s, saved at %s, at %s: weights, optimizer and scheduler are resharded; "
+                  "the per-rank RNG states are not loaded", path, layout.format(*saved), layout.format(*now))
+    return False
+
+
 def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, load_rng: bool = True,
                     iteration: int | None = None, finetune: bool = False) -> Position:
     """Restore model (and optimizer, scheduler, RNG if given/asked); returns where the run stands.
@@ -244,6 +263,8 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, loa
                   "weights only requested" if finetune else "the checkpoint has no optimizer state")
         fresh_optimizer, optimizer, scheduler = optimizer, None, None
         load_rng = False
+    else:
+        load_rng = _check_layout(path, common.get("parallel_layout"), optimizer, load_rng)
     state = _sharded_state(chunks, optimizer, scheduler, loading=True)
     if not load_rng:
         state.pop("rng_state")

@@ -11,6 +11,7 @@ rows of its H/G query heads, then its key head, then its value head
 between that and separate q, k, v (HF layout); both are exact inverses.
 """
 
+import abc
 import re
 
 import torch
@@ -115,7 +116,7 @@ def part_of(key: str):
     return "final"
 
 
-class RowTable:
+class RowTable(abc.ABC):
     """A `[rows, ...]` table read a slice of rows at a time (`t[i:j]`, `t[i]`, `t[:]`), for the vocabulary
     tables, a parent's largest tensors, which a merge takes row by row (`VocabPlan.fuse`) and so need
     not hold whole. Subclasses set `name`, `shape`, `dtype` and say where rows come from (`_read_into`)."""
@@ -147,5 +148,6 @@ class RowTable:
         if len(self):
             self._read_into(out[: len(self)], 0)
 
+    @abc.abstractmethod
     def _read_into(self, out: Tensor, first_row: int) -> None:
-        raise NotImplementedError
+        """Fill `out` (contiguous) with rows [first_row, first_row + len(out))."""

@@ -96,24 +96,21 @@ def _plan(opts: ConvertOptions, parents: list):
     seq = seq or min(2048, a.cfg.max_position_embeddings, b.cfg.max_position_embeddings)
     record |= {"vocab": plan.describe(opts.method)}
     tied = a.tied and b.tied
+    cfg = {"cross": lambda: cross_config(a.cfg, b.cfg, plan, opts.cross_every, seq),
+           "uniform": lambda: uniform_config(a.cfg, b.cfg, plan, tied, seq),
+           "width": lambda: width_config(a.cfg, b.cfg, plan, tied, seq)}[opts.method]()
+    plan = dataclasses.replace(plan, padded_rows=cfg.padded_vocab_size)  # fused tables are made padded
     if opts.method == "cross":
-        cfg = cross_config(a.cfg, b.cfg, plan, opts.cross_every, seq)
-        plan = dataclasses.replace(plan, padded_rows=cfg.padded_vocab_size)
         record |= {"cross_every": opts.cross_every}
         return cfg, lambda part: new_part(cfg, part, opts.seed, opts.bf16) if isinstance(part, tuple) \
             else cross_part(a.read(part), b.read(part), plan), record
     record |= {"hf_config": {k: v for k, v in a.hf_config.items() if k.endswith("token_id")}
                | {"model_type": a.cfg.family}}
     if opts.method == "uniform":
-        cfg = uniform_config(a.cfg, b.cfg, plan, tied, seq)
-        plan = dataclasses.replace(plan, padded_rows=cfg.padded_vocab_size)
         record |= {"llm_weight": opts.llm_weight}
         return cfg, lambda part: uniform_part(*_pair(a, b, part, tied), plan, opts.llm_weight), record
-    cfg = width_config(a.cfg, b.cfg, plan, tied, seq)
-    plan = dataclasses.replace(plan, padded_rows=cfg.padded_vocab_size)
     record |= {"width_init": opts.width_init}
     return cfg, lambda part: width_part(*_pair(a, b, part, tied), a.cfg, plan, opts.width_init), record
-
 
 def _pair(a, b, part, tied: bool) -> tuple[dict, dict]:
     """Both parents' part; an untied result gets a tied parent's input embedding as its output rows."""

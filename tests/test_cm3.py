@@ -118,3 +118,46 @@ def test_sample_weights_and_modality():
         np.testing.assert_array_equal(s["tokens"].numpy()[1:], labels[:-1])
     short = make_sample(raw[:10], np.ones(10, np.float32), 20, L, None, rng)
     assert short["loss_mask"].numpy().tolist() == [1.0] * 9 + [0.0] * 11  # padding carries no loss
+
+
+def _caption_doc():
+    img = L.image_offset + np.arange(L.tokens_per_image)
+    caption, after = np.array([5, 6, 7, 8]), np.array([9, 10])
+    x = np.concatenate([caption, [L.break_id], img, [L.break_id], after, [L.eos_id]])
+    return x, (0, caption.size)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(docs=st.lists(document, min_size=1, max_size=4), prob=st.sampled_from([0.3, 1.0]), seed=st.integers(0, 2**31))
+def test_caption_masking_keeps_every_invariant(docs, prob, seed):
+    x = stream(docs)
+    out = cm3_transform(x, L, np.random.default_rng(seed), CM3Config(caption_mask_prob=prob))
+    check_spans(x, out.spans)
+    restored = cm3_restore(out.tokens, L)
+    np.testing.assert_array_equal(restored, x[:restored.size])
+    assert out.tokens.size == x.size and out.spans.shape[0] <= L.num_sentinels
+
+
+def test_caption_mask_prob_one_masks_the_caption_whole():
+    """With probability 1 the caption before an image is always one whole span: the sample holds
+    `<sentinel:i> <break> image` (the unconditional context of guidance); the text after the image is no caption."""
+    x, caption = _caption_doc()
+    for seed in range(50):
+        out = cm3_transform(x, L, np.random.default_rng(seed), CM3Config(poisson_lambda=0.0, caption_mask_prob=1.0))
+        assert out.spans.tolist() == [list(caption)]
+        assert out.tokens[:2].tolist() == [L.sentinel_id(0), L.break_id]
+        np.testing.assert_array_equal(cm3_restore(out.tokens, L), x[:x.size - 3])
+
+
+def test_caption_mask_rate_and_zero_prob_is_unchanged():
+    x, caption = _caption_doc()
+    rng = np.random.default_rng(7)
+    hits = [list(caption) in cm3_transform(x, L, rng, CM3Config(poisson_lambda=0.0, caption_mask_prob=0.25))
+            .spans.tolist() for _ in range(2000)]
+    assert abs(np.mean(hits) - 0.25) < 0.04
+    for seed in range(30):  # prob 0 draws nothing extra: the same samples as before the option existed
+        a = cm3_transform(x, L, np.random.default_rng(seed), CM3Config())
+        b = cm3_transform(x, L, np.random.default_rng(seed), CM3Config(caption_mask_prob=0.0))
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    with pytest.raises(ValueError):
+        CM3Config(caption_mask_prob=1.5)

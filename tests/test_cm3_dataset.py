@@ -177,3 +177,20 @@ def test_preprocess_instruct_tool(tmp_path, single_rank):
     # doc 0: prompt | response text + <break> | image | <eos>; doc 1: user | assistant + <eos>
     assert flags.tolist() == [0, 1, 1, 1, 0, 1]
     assert [r["reason"] for r in map(json.loads, open(prefix + ".rejects.jsonl"))] == ["no_loss_turn"]
+
+
+def test_unconditional_context_of_guidance_is_trained(shards, tmp_path, single_rank):
+    """Every id of the unconditional row that generation builds (`<sentinel:0> <break>`) occurs in training
+    samples, and as that very bigram (a caption masked whole before its image), never `<mask>`."""
+    from megatron_jam.inference.decoding import unconditional_id
+
+    train, _, _ = build(shards, tmp_path / "cache", cm3=CM3Config(caption_mask_prob=0.1), sizes=(400, 10, 10),
+                        weights=("0.0001", "1"))
+    uncond = [unconditional_id(L), L.break_id]
+    seen, bigrams = set(), 0
+    for i in range(len(train)):
+        tokens = train[i]["tokens"].numpy()
+        seen.update(tokens.tolist())
+        bigrams += int(((tokens[:-1] == uncond[0]) & (tokens[1:] == uncond[1])).sum())
+    assert set(uncond) <= seen and L.mask_id not in seen
+    assert bigrams >= 20, bigrams

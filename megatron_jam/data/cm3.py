@@ -17,6 +17,11 @@ CM3leon's modality rule; DESIGN.md section 4, paper section 3.1):
    that whole image (a partial image at the edge of the window is never
    masked). Spans that collapse or collide are redrawn (up to
    `max_attempts` times; then fewer spans are kept);
+   With `caption_mask_prob` > 0, each caption (a text segment directly
+   followed by `<break>` and a complete image) is also masked whole with that
+   probability, as one more span (within the same cap): this teaches
+   `<sentinel:i> <break> image`, the unconditional context of classifier-free
+   guidance (`docs/generation.md`);
 4. replace span i (in position order) by `<sentinel:i>` in place and append
    `<sentinel:i>` + span + `<eos_span>` after the sample.
 
@@ -54,6 +59,11 @@ class CM3Config:
     """Loss weight of positions whose label is a `<sentinel:i>` (in place and in the appended part)."""
     max_attempts: int = 8
     """Redraws of the span placement when spans collapse (only separators) or collide (same image)."""
+    caption_mask_prob: float = 0.0
+    """Probability that a text segment directly followed by `<break>` and a complete image (its caption)
+    is masked whole, as one more CM3 span. The sample then holds `<sentinel:i> <break> image`: the model
+    learns images without their caption, which is the unconditional context of classifier-free guidance
+    (`megatron_jam.inference.decoding`). 0 = plain CM3 (a caption is masked whole only by chance)."""
 
     def __post_init__(self) -> None:
         if self.poisson_lambda < 0:
@@ -62,6 +72,8 @@ class CM3Config:
             raise ValueError(f"CM3Config.max_spans must be >= 0, got {self.max_spans}")
         if self.max_attempts < 1:
             raise ValueError(f"CM3Config.max_attempts must be >= 1, got {self.max_attempts}")
+        if not 0.0 <= self.caption_mask_prob <= 1.0:
+            raise ValueError(f"CM3Config.caption_mask_prob must be in [0, 1], got {self.caption_mask_prob}")
         if self.sentinel_loss_weight < 0:
             raise ValueError(f"CM3Config.sentinel_loss_weight must be >= 0, got {self.sentinel_loss_weight}")
 
@@ -81,12 +93,40 @@ class CM3Sample:
     """Span count drawn from the Poisson distribution (after clamping); len(spans) <= num_drawn."""
 
 
+def span_cap(config: CM3Config, layout: VocabLayout) -> int:
+    """Most spans a sample may hold: max_spans, clamped to the sentinel count."""
+    return layout.num_sentinels if config.max_spans is None else min(config.max_spans, layout.num_sentinels)
+
+
 def draw_num_spans(rng: np.random.Generator, config: CM3Config, layout: VocabLayout) -> int:
     """n ~ Poisson(lambda) clamped to max_spans and the sentinel count (0 when the objective is off)."""
     if not config.enabled or config.poisson_lambda == 0:
         return 0
-    cap = layout.num_sentinels if config.max_spans is None else min(config.max_spans, layout.num_sentinels)
-    return int(min(rng.poisson(config.poisson_lambda), cap))
+    return int(min(rng.poisson(config.poisson_lambda), span_cap(config, layout)))
+
+
+def caption_spans(tokens: np.ndarray, layout: VocabLayout, rng: np.random.Generator, prob: float) -> np.ndarray:
+    """Captions chosen for whole masking ([k, 2], position order): each text segment directly followed by
+    `<break>` and a complete image is kept with probability `prob`."""
+    tokens = np.asarray(tokens)
+    _, _, bounds, seg_image = segment_table(tokens, layout)
+    if bounds.shape[0] < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    text, image = seg_image[:-1] == 0, seg_image[1:] == 1
+    gap = bounds[1:, 0] - bounds[:-1, 1] == 1
+    ends = np.minimum(bounds[:-1, 1], tokens.size - 1)
+    is_break = tokens[ends] == layout.break_id
+    candidates = bounds[:-1][text & image & gap & is_break]
+    keep = rng.random(candidates.shape[0]) < prob
+    return candidates[keep].astype(np.int64)
+
+
+def _without_overlaps(spans: np.ndarray, taken: np.ndarray) -> np.ndarray:
+    """Rows of `spans` that overlap no row of `taken` (both [k, 2] half-open)."""
+    if spans.shape[0] == 0 or taken.shape[0] == 0:
+        return spans
+    overlap = (spans[:, None, 0] < taken[None, :, 1]) & (taken[None, :, 0] < spans[:, None, 1])
+    return spans[~overlap.any(axis=1)]
 
 
 def segment_table(tokens: np.ndarray, layout: VocabLayout) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -185,9 +225,17 @@ def cm3_transform(tokens: np.ndarray, layout: VocabLayout, rng: np.random.Genera
     tokens = np.asarray(tokens, dtype=np.int64)
     max_length = tokens.size if max_length is None else int(max_length)
     n = draw_num_spans(rng, config, layout)
+    forced = np.zeros((0, 2), dtype=np.int64)
+    if config.enabled and config.caption_mask_prob > 0:
+        forced = caption_spans(tokens[:max_length], layout, rng, config.caption_mask_prob)
+        n = min(n + forced.shape[0], span_cap(config, layout))
     n_fit = min(n, max(0, (max_length - 1) // 4))  # keep >= 1 raw token per span + its 3 extra tokens
     budget = min(tokens.size, max_length - 3 * n_fit)
-    spans = place_spans(tokens[:budget], n_fit, rng, layout, config.max_attempts)
+    forced = forced[forced[:, 1] <= budget][:n_fit]
+    spans = place_spans(tokens[:budget], n_fit - forced.shape[0], rng, layout, config.max_attempts)
+    if forced.shape[0]:
+        spans = np.concatenate([forced, _without_overlaps(spans, forced)])
+        spans = spans[np.argsort(spans[:, 0], kind="stable")]
     used = min(tokens.size, max_length - 3 * spans.shape[0])
     index = assemble(used, spans, layout)
     out = np.where(index >= 0, tokens[np.maximum(index, 0)] if tokens.size else 0, -1 - index)

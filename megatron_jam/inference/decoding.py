@@ -15,8 +15,12 @@ Each prompt is one *conditional* row. Its state machine::
 - IMAGE samples from the image ids only, `tokens_per_image` times, with
   classifier-free guidance: the row's logits are combined with those of its
   *unconditional* row (eq. 6). The unconditional context is the prompt (and
-  everything generated before the image) replaced by `<mask>`: that row
-  holds `<mask> <break>` followed by the image tokens sampled so far. Both
+  everything generated before the image) replaced by CM3's first mask
+  sentinel: that row holds `<sentinel:0> <break>` followed by the image
+  tokens sampled so far. Training teaches exactly this context (a caption
+  masked whole by the CM3 objective, `CM3Config.caption_mask_prob`), so its
+  embedding rows are trained; the paper's `<mask>` would be a token that no
+  training sample contains (docs/generation.md). Both
   rows run in the same batch (rows [0, B) conditional, [B, 2B)
   unconditional). After the image the unconditional row forgets its
   `<break>` and image slots (they become invalid), ready for the next image.
@@ -130,7 +134,7 @@ class InterleavedGenerator:
         return _Row(state=state, budget=budget, position=len(prompt), out=Generation(prompt_ids=list(prompt)))
 
     def _prefill(self, prompts, rows, use_cfg: bool, max_budget: int):
-        """Left-padded prompts (and `<mask>` [`<break>`] unconditional rows); returns (slots, start, n)."""
+        """Left-padded prompts (and `<sentinel:0>` [`<break>`] unconditional rows); returns (slots, start, n)."""
         b, width = len(prompts), max(len(p) for p in prompts)
         total = 2 * b if use_cfg else b
         slots = SlotTable(total, width + max_budget)
@@ -139,7 +143,7 @@ class InterleavedGenerator:
         positions = torch.zeros(total, width, dtype=torch.long)
         seqs = list(prompts)
         if use_cfg:
-            mask, brk = self.layout.mask_id, self.layout.break_id
+            mask, brk = unconditional_id(self.layout), self.layout.break_id
             seqs += [[mask, brk] if r.state == IMAGE else [mask] for r in rows]
         for i, seq in enumerate(seqs):
             tokens[i, width - len(seq):] = torch.tensor(seq)
@@ -249,6 +253,14 @@ def _tp_broadcast(tokens: torch.Tensor) -> torch.Tensor:
                        group=parallel_state.get_tensor_model_parallel_group())
         return on_comm.cpu()
     return tokens
+
+
+def unconditional_id(layout: VocabLayout) -> int:
+    """The token that stands for the whole prompt in the unconditional row: CM3's `<sentinel:0>`."""
+    if layout.num_sentinels < 1:
+        raise ValueError("classifier-free guidance needs a CM3 sentinel for its unconditional context, but the "
+                         "vocabulary layout has num_sentinels=0; use --cfg-scale 1")
+    return layout.sentinel_id(0)
 
 
 def check_layout_matches_model(layout: VocabLayout, cfg) -> None:

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path", default=None, help="where Megatron's dataset index cache goes")
     g.add_argument("--no-cm3", action="store_true", help="plain causal LM instead of the CM3 objective")
     g.add_argument("--cm3-lambda", type=float, default=1.0, help="Poisson mean of masked spans per sample")
+    g.add_argument("--cm3-caption-mask-prob", type=float, default=0.1,
+                   help="probability that an image's caption is masked whole (a CM3 span): teaches the "
+                        "unconditional context of classifier-free guidance (docs/generation.md); 0 = plain CM3")
     g.add_argument("--sentinel-loss-weight", type=float, default=1.0)
     g.add_argument("--retrieval-k", type=int, default=0,
                    help="prepend up to k retrieved documents (prefixes with neighbours from tools/retrieve.py)")

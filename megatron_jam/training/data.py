@@ -45,7 +45,8 @@ def _cm3(args):
 
     if args.no_cm3:
         return None
-    return CM3Config(poisson_lambda=args.cm3_lambda, sentinel_loss_weight=args.sentinel_loss_weight)
+    return CM3Config(poisson_lambda=args.cm3_lambda, sentinel_loss_weight=args.sentinel_loss_weight,
+                     caption_mask_prob=args.cm3_caption_mask_prob)
 
 
 def _retrieval(args):

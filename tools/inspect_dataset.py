@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Inspect a JAM indexed dataset: counts per modality, dtype, vocabulary layout, and one decoded document.
 
-Usage: python tools/inspect_dataset.py PREFIX [--document N] [--tokenizer-model spm.model]
+Usage: python tools/inspect_dataset.py PREFIX [--document N] [--tokenizer-model spm.model | hf_folder]
 
 Reads PREFIX.idx/.bin through Megatron-Core's IndexedDataset (multimodal=True) and
 the layout PREFIX.vocab.json (a shard PREFIX_00003 falls back to PREFIX.vocab.json),
 which is checked against the index dtype. With --document, prints that document as
 text with `<break>`, `<eos>` and `<image: N codes [...]>` placeholders; text needs
-the sentencepiece model (otherwise token ids are printed).
+the layout's text tokenizer, sentencepiece or Hugging Face (otherwise token ids are printed).
 """
 
 import argparse
@@ -19,6 +19,7 @@ import numpy as np
 
 from megatron_jam.data.documents import IMAGE, TEXT, render_document, split_segments
 from megatron_jam.data.indexed_builder import MODE_IMAGE, read_index_header
+from megatron_jam.data.text_tokenizer import add_tokenizer_args, check_layout, load_text_tokenizer
 from megatron_jam.data.vocab import VocabLayout, VocabLayoutError, find_layout, load_layout
 
 
@@ -26,7 +27,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--document", type=int, action="append", help="decode document N (repeatable)")
-    p.add_argument("--tokenizer-model", help="sentencepiece model to decode text")
+    add_tokenizer_args(p, required=False, help_suffix=" to decode text")
     p.add_argument("--json", action="store_true", help="print statistics as JSON")
     return p.parse_args(argv)
 
@@ -71,6 +72,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         layout = load_layout(args.prefix)
         stats = dataset_stats(args.prefix, layout)
+        decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+        if args.tokenizer_model:
+            text = load_text_tokenizer(args.tokenizer_model, args.tokenizer_type)
+            check_layout(text, layout)
+            decode = text.decode
     except (OSError, ValueError, VocabLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,11 +87,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps({"stats": stats, "layout": layout.to_dict()}, indent=2))
     else:
         print_stats(stats, layout, find_layout(args.prefix))
-    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-    if args.tokenizer_model:
-        import sentencepiece
-
-        decode = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer_model).decode
     for index in args.document or []:
         try:
             segments = document_segments(args.prefix, index, layout)
@@ -108,7 +109,7 @@ def print_stats(stats: Dict[str, Any], layout: VocabLayout, path: str) -> None:
           f"special {stats['special_tokens']}")
     print(f"layout           {path}")
     print(f"  text ids       [0, {layout.text_vocab_size})  ({layout.text_tokenizer or 'unknown tokenizer'})")
-    print(f"  <break> {layout.break_id}  <eos> {layout.eos_id}{'' if layout.dedicated_eos else ' (sentencepiece)'}"
+    print(f"  <break> {layout.break_id}  <eos> {layout.eos_id}{'' if layout.dedicated_eos else ' (text tokenizer)'}"
           f"  <mask> {layout.mask_id}  <eos_span> {layout.eos_span_id}  "
           f"sentinels {layout.num_sentinels} from {layout.sentinel_id(0) if layout.num_sentinels else '-'}")
     print(f"  image ids      [{layout.image_offset}, {layout.vocab_size})  codebook {layout.codebook_size}, "

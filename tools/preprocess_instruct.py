@@ -27,6 +27,7 @@ from megatron_jam.data.documents import IMAGE, IMAGE_TOKENS, TEXT, BatchAccumula
 from megatron_jam.data.image_tokenizer import ImageError, VQImageTokenizer
 from megatron_jam.data.indexed_builder import IndexedDatasetBuilder
 from megatron_jam.data.instruct import DEFAULT_LOSS_ROLES, build_instruct_sequences, instruction_turns, loss_mask_path
+from megatron_jam.data.text_tokenizer import TextTokenizer, add_tokenizer_args
 from megatron_jam.data.vocab import layout_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="JSONL files or glob patterns")
     p.add_argument("--output-prefix", required=True)
-    p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    add_tokenizer_args(p)
     p.add_argument("--image-tokenizer", help="folder of a transformers VQ model")
     p.add_argument("--codebook-size", type=int)
     p.add_argument("--tokens-per-image", type=int)
@@ -52,15 +53,16 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 class InstructEncoder:
     """Encodes one instruction record into (sequences, modes, loss flags)."""
 
-    def __init__(self, sp: Any, vq: Optional[VQImageTokenizer], layout: Any, loss_roles: List[str]) -> None:
-        self.sp, self.vq, self.layout, self.loss_roles = sp, vq, layout, loss_roles
+    def __init__(self, text: TextTokenizer, vq: Optional[VQImageTokenizer], layout: Any,
+                 loss_roles: List[str]) -> None:
+        self.text, self.vq, self.layout, self.loss_roles = text, vq, layout, loss_roles
 
     def encode(self, record: Any, folder: str):
         segments = []
         for loss, items in instruction_turns(record, self.loss_roles):
             for i, (kind, value) in enumerate(items):
                 if kind == TEXT:
-                    segments.append((loss, TEXT, np.asarray(self.sp.encode(value), dtype=np.int64)))
+                    segments.append((loss, TEXT, np.asarray(self.text.encode(value), dtype=np.int64)))
                 elif kind == IMAGE_TOKENS:
                     segments.append((loss, IMAGE, image_codes_to_ids(value, self.layout, i)))
                 else:
@@ -77,9 +79,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     opened = open_inputs(args)
     if opened is None:
         return 2
-    files, sp, vq, layout = opened
+    files, text, vq, layout = opened
     layout.to_json(layout_path(args.output_prefix))
-    encoder, acc, flags = InstructEncoder(sp, vq, layout, args.loss_roles), BatchAccumulator(layout), []
+    encoder, acc, flags = InstructEncoder(text, vq, layout, args.loss_roles), BatchAccumulator(layout), []
     rejects = RejectLog(args.output_prefix)
     for path in files:
         folder = os.path.dirname(os.path.abspath(path))

@@ -4,7 +4,8 @@
 Input lines are either ``{"id": ..., "content": [{"text": ...}, {"image": "a.png"},
 {"image_tokens": [...]}, ...]}`` (image paths relative to the JSONL file's folder or
 absolute) or text-only records whose text is under ``--json-keys`` (default ``text``).
-Text goes through a sentencepiece model, images through a VQ model from `transformers`
+Text goes through a sentencepiece model or a Hugging Face ``tokenizer.json`` (``--tokenizer-model``,
+``--tokenizer-type``; see :mod:`megatron_jam.data.text_tokenizer`), images through a VQ model from `transformers`
 (``--image-tokenizer``), and the token stream of each document follows the CM3leon
 layout described in :mod:`megatron_jam.data.documents`. Writes::
 
@@ -20,7 +21,6 @@ tools/README.md for the exact commands.
 
 import argparse
 import glob
-import hashlib
 import json
 import multiprocessing
 import os
@@ -35,6 +35,7 @@ from megatron_jam.data.documents import (IMAGE, IMAGE_TOKENS, TEXT, BatchAccumul
                                          build_sequences, content_items, image_codes_to_ids)
 from megatron_jam.data.image_tokenizer import ImageError, VQImageTokenizer
 from megatron_jam.data.indexed_builder import DocumentBatch, IndexedDatasetBuilder, merge_datasets
+from megatron_jam.data.text_tokenizer import TextTokenizer, add_tokenizer_args, load_text_tokenizer
 from megatron_jam.data.vocab import VocabLayout, VocabLayoutError, layout_path
 from megatron_jam.utils.logging import get_logger
 
@@ -48,13 +49,13 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--input", nargs="+", required=True, help="JSONL files or glob patterns")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="text keys of text-only records")
     g = p.add_argument_group("tokenizers")
-    g.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    add_tokenizer_args(g)
     g.add_argument("--image-tokenizer", help="folder of a transformers VQ model (save_pretrained)")
     g.add_argument("--codebook-size", type=int, help="codebook size when image_tokens are given (no VQ model)")
     g.add_argument("--tokens-per-image", type=int, help="codes per image when image_tokens are given")
     g.add_argument("--num-sentinels", type=int, default=32, help="CM3 sentinel tokens in the layout")
     g.add_argument("--dedicated-eos", action="store_true",
-                   help="give <eos> its own id even if the sentencepiece model has one")
+                   help="give <eos> its own id even if the text tokenizer has one")
     g.add_argument("--vocab-layout", help="existing layout JSON the output must match")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True)
@@ -75,12 +76,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- layout
-def file_identity(path: str, kind: str) -> str:
-    with open(path, "rb") as f:
-        return f"{kind}:sha256:{hashlib.sha256(f.read()).hexdigest()[:16]}"
-
-
-def build_layout(args: argparse.Namespace, sp: Any, vq: Optional[VQImageTokenizer]) -> VocabLayout:
+def build_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optional[VQImageTokenizer]) -> VocabLayout:
     """The vocabulary layout from the tokenizers and flags (and checked against --vocab-layout)."""
     codebook, per_image = args.codebook_size, args.tokens_per_image
     if vq is not None:
@@ -94,10 +90,9 @@ def build_layout(args: argparse.Namespace, sp: Any, vq: Optional[VQImageTokenize
     if codebook is None or per_image is None:
         reference = VocabLayout.from_json(args.vocab_layout)
         codebook, per_image = reference.codebook_size, reference.tokens_per_image
-    eos = None if args.dedicated_eos or sp.eos_id() < 0 else int(sp.eos_id())
-    layout = VocabLayout(text_vocab_size=sp.get_piece_size(), codebook_size=codebook, tokens_per_image=per_image,
-                         num_sentinels=args.num_sentinels, text_eos_id=eos,
-                         text_tokenizer=file_identity(args.tokenizer_model, "sentencepiece"),
+    eos = None if args.dedicated_eos else text.eos_id
+    layout = VocabLayout(text_vocab_size=text.vocab_size, codebook_size=codebook, tokens_per_image=per_image,
+                         num_sentinels=args.num_sentinels, text_eos_id=eos, text_tokenizer=text.identity,
                          image_tokenizer=vq.identity if vq is not None else "")
     if args.vocab_layout:
         layout.check_compatible(VocabLayout.from_json(args.vocab_layout), "this run", args.vocab_layout)
@@ -109,9 +104,7 @@ class Encoder:
     """Per-process tokenizers; `encode_chunk` turns raw JSONL lines into a DocumentBatch."""
 
     def __init__(self, config: Dict[str, Any]) -> None:
-        import sentencepiece
-
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=config["tokenizer_model"])
+        self.text = load_text_tokenizer(config["tokenizer_model"], config["tokenizer_type"])  # per process
         self.layout = VocabLayout.from_dict(config["layout"])
         self.json_keys = config["json_keys"]
         self.vq = VQImageTokenizer(config["image_tokenizer"]) if config["image_tokenizer"] else None
@@ -130,7 +123,7 @@ class Encoder:
             except RejectedDocument as e:
                 rejects.append(reject(path, first_line + k, e, raw))
         texts = [v for _, _, items in docs for kind, v in items if kind == TEXT]
-        encoded = iter(self.sp.encode(texts, num_threads=1) if texts else [])  # parallelism = --workers
+        encoded = iter(self.text.encode_batch(texts))  # one thread: parallelism = --workers
         folder = os.path.dirname(os.path.abspath(path))
         for line, record, items in docs:
             text_ids = [np.asarray(next(encoded), dtype=np.int64) for kind, _ in items if kind == TEXT]
@@ -375,20 +368,18 @@ def summarize(totals: Dict[str, Any], rejects: RejectLog, shards: List[str], fil
 
 
 def open_inputs(args):
-    """(input files, sentencepiece processor, VQ tokenizer or None, layout); prints and returns None
+    """(input files, text tokenizer, VQ tokenizer or None, layout); prints and returns None
     on a bad flag or file (the caller exits 2). Shared with tools/preprocess_instruct.py."""
     try:
-        import sentencepiece
-
         files = expand_inputs(args.input)
-        sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer_model)
+        text = load_text_tokenizer(args.tokenizer_model, args.tokenizer_type)
         vq = VQImageTokenizer(args.image_tokenizer) if args.image_tokenizer else None
-        layout = build_layout(args, sp, vq)
+        layout = build_layout(args, text, vq)
     except (ValueError, OSError, VocabLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-    return files, sp, vq, layout
+    return files, text, vq, layout
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -396,8 +387,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     opened = open_inputs(args)
     if opened is None:
         return 2
-    files, sp, vq, layout = opened
-    config = {"tokenizer_model": args.tokenizer_model, "image_tokenizer": args.image_tokenizer,
+    files, text, vq, layout = opened
+    config = {"tokenizer_model": args.tokenizer_model, "tokenizer_type": text.type,
+              "image_tokenizer": args.image_tokenizer,
               "layout": layout.to_dict(), "json_keys": args.json_keys}
     layout.to_json(layout_path(args.output_prefix))  # first: shards finished before an interruption are usable
     writer = ShardWriter(args.output_prefix, layout.dtype, args.shard_size, args.shard_unit, args.durable)

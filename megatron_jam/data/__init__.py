@@ -2,7 +2,8 @@
 
 `indexed_builder` writes and merges Megatron MMap datasets, `vocab` defines
 which id is text, special or image, `documents` turns interleaved documents
-into per-modality sequences, and `image_tokenizer` wraps a VQ model from
+into per-modality sequences, `text_tokenizer` loads a sentencepiece model or a
+Hugging Face `tokenizer.json`, and `image_tokenizer` wraps a VQ model from
 `transformers`. Only the first two are re-exported here: `documents` and
 `image_tokenizer` are imported explicitly by the tools that need them, so
 readers of the layout never import `transformers`.

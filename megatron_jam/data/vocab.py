@@ -8,16 +8,20 @@ instead of trusting that two configs happen to match.
 
 Layout (ids are contiguous, in this order)::
 
-    [0, text_vocab_size)                      sentencepiece ids, unchanged
+    [0, text_vocab_size)                      text tokenizer ids, unchanged
     break_id = text_vocab_size                <break>  (modality change)
     eos_id                                    <eos>    (end of document), see below
-    mask_id                                   <mask>   (CFG unconditional context)
+    mask_id                                   <mask>   (reserved; no sample holds it, see below)
     eos_span_id                               <eos_span> (end of a CM3 span)
     sentinel_id(0) ... sentinel_id(S - 1)     <sentinel:i> (CM3 masks)
     [image_offset, image_offset + codebook_size)   VQ codes, code c -> image_offset + c
 
-`<eos>`: when the sentencepiece model has an end-of-sequence piece
-(``sp.eos_id() >= 0``, e.g. Llama's ``</s>``) it is reused by default
+The text tokenizer is a sentencepiece model or a Hugging Face
+``tokenizer.json`` (`megatron_jam.data.text_tokenizer`).
+
+`<eos>`: when the text tokenizer has an end-of-sequence token
+(sentencepiece ``sp.eos_id() >= 0``, e.g. Llama's ``</s>``; Hugging Face: the
+``eos_token`` of ``tokenizer_config.json``) it is reused by default
 (``text_eos_id``), so the text parent's trained end-of-document embedding row
 keeps its meaning; otherwise a dedicated `<eos>` id follows `<break>`.
 
@@ -55,7 +59,7 @@ class VocabLayout:
     """Id ranges of the shared text + special + image vocabulary (see module docstring)."""
 
     text_vocab_size: int
-    """Number of sentencepiece pieces; ids [0, text_vocab_size) are sentencepiece ids."""
+    """Number of text tokenizer ids (sentencepiece pieces, or a tokenizer.json's vocabulary with added tokens)."""
     codebook_size: int
     """Number of VQ codebook entries; image ids are image_offset + code."""
     tokens_per_image: int
@@ -63,9 +67,9 @@ class VocabLayout:
     num_sentinels: int = DEFAULT_NUM_SENTINELS
     """Number of CM3 `<sentinel:i>` tokens."""
     text_eos_id: Optional[int] = None
-    """Sentencepiece id reused as `<eos>`; None means a dedicated `<eos>` after `<break>`."""
+    """Text tokenizer id reused as `<eos>`; None means a dedicated `<eos>` after `<break>`."""
     text_tokenizer: str = ""
-    """Identity of the text tokenizer ("sentencepiece:sha256:..."), "" if unknown."""
+    """Identity of the text tokenizer ("sentencepiece:sha256:..." or "huggingface:sha256:..."), "" if unknown."""
     image_tokenizer: str = ""
     """Identity of the image tokenizer ("chameleon_vqgan:sha256:..."), "" if codes were given."""
     version: int = LAYOUT_VERSION
@@ -104,7 +108,8 @@ class VocabLayout:
 
     @property
     def mask_id(self) -> int:
-        """`<mask>`: the unconditional context of classifier-free guidance."""
+        """`<mask>`: reserved. No training sample contains it, so its embedding row is untrained; the
+        unconditional context of classifier-free guidance is CM3's `<sentinel:0>` instead (decoding.py)."""
         return self.text_vocab_size + (2 if self.dedicated_eos else 1)
 
     @property

@@ -1,8 +1,8 @@
 """Loading a checkpoint for generation, and the checks that must pass before any token is generated.
 
 Why here: the generator meets four independently produced artefacts (the
-checkpoint, its vocabulary layout, the sentencepiece model, the VQ
-tokenizer) and a mismatch between any two gives plausible-looking garbage,
+checkpoint, its vocabulary layout, the text tokenizer (sentencepiece or
+Hugging Face), the VQ tokenizer) and a mismatch between any two gives plausible-looking garbage,
 not an error. Every check raises `GenerationSetupError` naming both sides.
 
 The model is built and loaded exactly as the evaluator does it
@@ -63,21 +63,18 @@ def check_checkpoint_layout(load: str, cfg, layout: VocabLayout) -> None:
                 f"vocabulary layout has text_vocab_size={layout.text_vocab_size}")
 
 
-def load_text_tokenizer(path: str, layout: VocabLayout):
-    """A sentencepiece processor that must be the layout's text tokenizer."""
-    import sentencepiece
+def load_text_tokenizer(path: str, layout: VocabLayout, tokenizer_type: str | None = None):
+    """The text tokenizer at `path` (`megatron_jam.data.text_tokenizer`; sentencepiece or Hugging Face, the
+    type inferred when None), which must be the layout's: same vocabulary size, same identity."""
+    from megatron_jam.data.text_tokenizer import TextTokenizerError, check_layout
+    from megatron_jam.data.text_tokenizer import load_text_tokenizer as load
 
-    if not os.path.isfile(path):
-        raise GenerationSetupError(f"--tokenizer-model {path}: no such file")
-    sp = sentencepiece.SentencePieceProcessor(model_file=path)
-    if sp.get_piece_size() != layout.text_vocab_size:
-        raise GenerationSetupError(f"--tokenizer-model {path} has {sp.get_piece_size()} pieces but the vocabulary "
-                                   f"layout has text_vocab_size={layout.text_vocab_size}")
-    ident = file_identity(path, "sentencepiece")
-    if layout.text_tokenizer and layout.text_tokenizer != ident:
-        raise GenerationSetupError(f"--tokenizer-model {path} is {ident}, but the vocabulary layout was built "
-                                   f"with {layout.text_tokenizer}")
-    return sp
+    try:
+        tokenizer = load(path, tokenizer_type)
+        check_layout(tokenizer, layout)
+    except TextTokenizerError as e:
+        raise GenerationSetupError(str(e)) from e
+    return tokenizer
 
 
 def load_image_tokenizer(path: str, layout: VocabLayout):

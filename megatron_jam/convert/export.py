@@ -3,8 +3,9 @@
 The family comes from the checkpoint (`conversion.json`'s HF config, else
 `ParentConfig.family`); the HF config keeps the imported model's other fields
 (token ids, ...) and takes the shape from the checkpoint, so a JAM-Width model
-exports as a wider Llama/OPT. Tensors HF has and Megatron lacks (OPT's two
-offset position rows) come back from `hf_extra.safetensors`. Output:
+exports as a wider Llama/OPT/Emu3. Tensors HF has and Megatron lacks (OPT's two
+offset position rows) come back from `hf_extra.safetensors`, Emu3's VQ-VAE from
+the `image_tokenizer/` folder the import extracted. Output:
 config.json + one safetensors file per part (embedding, each layer, final) and
 the `model.safetensors.index.json` that transformers' `from_pretrained` reads,
 written under a temporary name and renamed. One part is in memory at a time.
@@ -52,6 +53,10 @@ def export_hf(load: str, save: str) -> dict:
             save_file(tensors, os.path.join(tmp, name),
                       metadata={"format": "pt"})
             weight_map |= {k: name for k in tensors}
+        extras = getattr(module, "export_extras", None)  # tensors kept beside the model (Emu3's VQ-VAE)
+        if extras is not None:
+            hf_cfg, more = extras(load, tmp, hf_cfg)
+            weight_map |= more
         with open(os.path.join(tmp, INDEX_FILE), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""The rename engine shared by the Hugging Face family modules (`hf_llama`, `hf_opt`).
+"""The rename engine shared by the Hugging Face family modules (`hf_llama`, `hf_opt`, `hf_emu3`).
 
 A family module describes its checkpoint as data -- which HF tensor is which
 Megatron tensor, which three HF tensors form the fused QKV, which two form a
@@ -7,6 +7,7 @@ gated MLP's fc1 -- and this engine turns that into pure, exactly invertible
 embedding, the final norm), checking every shape against the config.
 """
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,6 +38,19 @@ class HFFamily:
     """Megatron key -> HF shape, where they differ (OPT's offset positions)."""
     to_megatron_fix: Callable[[dict], dict] = lambda sd: sd
     to_hf_fix: Callable[[dict, ParentConfig], dict] = lambda sd, p: sd
+
+    def with_prefixes(self, name: str, prefixes: dict[str, str]) -> "HFFamily":
+        """The same family under other HF key prefixes ({old: new}, first match wins), e.g. a Llama
+        body nested in a multimodal model (`model.layers.0.` -> `text_model.model.layers.0.`)."""
+        def move(key: str) -> str:
+            old = next((o for o in prefixes if key.startswith(o)), None)
+            return key if old is None else prefixes[old] + key[len(old):]
+
+        top = self.top_map
+        return dataclasses.replace(
+            self, name=name, layer_prefix=move(self.layer_prefix),
+            top_map=lambda p, tied: {part: {move(hk): mk for hk, mk in names.items()}
+                                     for part, names in top(p, tied).items()})
 
     def hf_keys(self, part, p: ParentConfig, tied: bool) -> list[str]:
         """HF tensor names that make up one part ('embedding', layer index, 'final')."""

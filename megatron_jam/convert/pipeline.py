@@ -15,9 +15,10 @@ import megatron_jam
 from megatron_jam.convert.checkpoint import CheckpointWriter, ensure_single_rank
 from megatron_jam.convert.common import OUT, ConvertError, parent_parts
 from megatron_jam.convert.cross import cross_config, cross_part, new_part, new_parts
-from megatron_jam.convert.readers import open_parent
+from megatron_jam.convert.readers import FAMILIES, open_parent
 from megatron_jam.convert.uniform import uniform_config, uniform_part
 from megatron_jam.convert.vocab import RULES, VocabPlan, check_tokenizers, plan_vocab
+from megatron_jam.convert.vq import extract_image_tokenizer
 from megatron_jam.convert.width import width_config, width_part
 from megatron_jam.models.config import ConfigError
 from megatron_jam.models.jam_gpt import JamGPTConfig, validate_model_parallel
@@ -73,6 +74,8 @@ def convert(opts: ConvertOptions) -> dict:
             return out
 
         writer.write(parts, convert_part)
+        # the VQ model stored with the parent (import) or the image parent (merges), if any
+        record["image_tokenizer"] = extract_image_tokenizer(parents[-1], writer.tmp, opts.save)
         writer.finish(record)
     log_rank0(logger, "wrote %s (%s, %s)", opts.save, opts.method, type(cfg).__name__)
     return record
@@ -90,6 +93,8 @@ def _plan(opts: ConvertOptions, parents: list):
                    "hf_config": a.hf_config}
         return cfg, a.read, record
     a, b = parents
+    if opts.method in ("uniform", "width"):
+        _check_same_family(opts.method, a, b)
     layout = _layout(opts.vocab_layout)
     check_tokenizers(a.tokenizer_identity(), b.tokenizer_identity(), layout)
     plan = plan_vocab(a.vocab_size, b.vocab_size, layout, opts.text_vocab_size)
@@ -104,13 +109,29 @@ def _plan(opts: ConvertOptions, parents: list):
         record |= {"cross_every": opts.cross_every}
         return cfg, lambda part: new_part(cfg, part, opts.seed, opts.bf16) if isinstance(part, tuple) \
             else cross_part(a.read(part), b.read(part), plan), record
-    record |= {"hf_config": {k: v for k, v in a.hf_config.items() if k.endswith("token_id")}
-               | {"model_type": a.cfg.family}}
+    record |= {"hf_config": _merge_base(a)}
     if opts.method == "uniform":
         record |= {"llm_weight": opts.llm_weight}
         return cfg, lambda part: uniform_part(*_pair(a, b, part, tied), plan, opts.llm_weight), record
     record |= {"width_init": opts.width_init}
     return cfg, lambda part: width_part(*_pair(a, b, part, tied), a.cfg, plan, opts.width_init), record
+
+
+def _check_same_family(method: str, a, b) -> None:
+    """Uniform and width need one Hugging Face family (e.g. not Emu3 + Llama, whose bodies match);
+    parents of different model families are left to `check_same_architecture`, which lists every field."""
+    if a.cfg.family == b.cfg.family and a.hf_family != b.hf_family:
+        raise ConvertError(f"--method {method} needs parents of one family: {a.config_file} is "
+                           f"{a.hf_family!r}, {b.config_file} is {b.hf_family!r}")
+
+
+def _merge_base(a) -> dict:
+    """The HF config a merge records for export: the family's choice, else the token ids."""
+    keep = getattr(FAMILIES.get(a.hf_family), "merge_base", None)
+    if keep is not None:
+        return keep(a.hf_config)
+    return {k: v for k, v in a.hf_config.items() if k.endswith("token_id")} | {"model_type": a.cfg.family}
+
 
 def _pair(a, b, part, tied: bool) -> tuple[dict, dict]:
     """Both parents' part; an untied result gets a tied parent's input embedding as its output rows."""

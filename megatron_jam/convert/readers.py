@@ -9,7 +9,6 @@ read through Megatron-Core's `dist_checkpointing` (also no unpickling of
 tensors), one part's tensors at a time.
 """
 
-import hashlib
 import json
 import os
 import struct
@@ -17,20 +16,22 @@ import struct
 import torch
 from torch import Tensor
 
-from megatron_jam.convert import hf_llama, hf_opt
+from megatron_jam.convert import hf_emu3, hf_llama, hf_opt
 from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError, RowTable
+from megatron_jam.convert.vq import IMAGE_TOKENIZER_DIR, ImageTokenizerSource, read_image_tokenizer
 from megatron_jam.models.config import ParentConfig
 
-FAMILIES = {"llama": hf_llama, "opt": hf_opt}
+FAMILIES = {"llama": hf_llama, "opt": hf_opt, "emu3": hf_emu3}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 class HFParent:
-    """A Hugging Face `LlamaForCausalLM` / `OPTForCausalLM` folder: config.json + *.safetensors."""
+    """A Hugging Face `LlamaForCausalLM` / `OPTForCausalLM` / `Emu3ForConditionalGeneration` folder:
+    config.json + *.safetensors."""
 
     def __init__(self, path: str):
         self.path = path
-        cfg_path = os.path.join(path, "config.json")
+        self.config_file = cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise ConvertError(f"{path}: no config.json (expected a Hugging Face model folder)")
         with open(cfg_path) as f:
@@ -41,35 +42,47 @@ class HFParent:
         self.module = FAMILIES[kind]
         self.cfg, self.vocab_size, self.tied = self.module.parent_config(self.hf_config, where=cfg_path)
         self._files = _index_safetensors(path)
+        pick = getattr(self.module, "family_for", None)  # families with more than one key layout
+        self.family = pick(self._files, path) if pick else self.module.FAMILY
 
     @property
     def source(self) -> str:
-        return f"hf:{self.module.FAMILY.name}:{self.path}"
+        return f"hf:{self.family.name}:{self.path}"
+
+    @property
+    def hf_family(self) -> str:
+        return self.hf_config["model_type"]
+
+    def image_tokenizer(self) -> ImageTokenizerSource | None:
+        """The VQ model stored with the language model (Emu3's `vqmodel.*`), or None."""
+        find = getattr(self.module, "image_tokenizer", None)
+        return find(self.hf_config, self._files, self.path) if find else None
 
     def read(self, part) -> dict[str, Tensor]:
         """One part as canonical Megatron tensors (plus `hf_extra.*` where HF has more). The vocabulary
         tables come as `Rows` (read when sliced): converters take them row-wise (`VocabPlan.fuse`)."""
-        keys = self.module.FAMILY.hf_keys(part, self.cfg, self.tied)
-        tables = {hk for names in self.module.FAMILY.top_map(self.cfg, self.tied).values()
+        keys = self.family.hf_keys(part, self.cfg, self.tied)
+        tables = {hk for names in self.family.top_map(self.cfg, self.tied).values()
                   for hk, mk in names.items() if mk in (EMB, OUT)}
         missing = [k for k in keys if k not in self._files]
         if missing:
             raise ConvertError(f"{self.path}: tensor {missing[0]} is missing from the safetensors files "
-                               f"(needed by {self.module.FAMILY.name}, part {part!r})")
+                               f"(needed by {self.family.name}, part {part!r})")
         hf = {}
         by_file: dict[str, list[str]] = {}
         for k in keys:
             by_file.setdefault(self._files[k], []).append(k)
         for fname, names in by_file.items():
             hf |= read_safetensors(os.path.join(self.path, fname), names, lazy=tables)
-        return self.module.FAMILY.to_megatron(hf, self.cfg, self.vocab_size, self.tied, where=self.path)
+        return self.family.to_megatron(hf, self.cfg, self.vocab_size, self.tied, where=self.path)
 
     def output_rows(self) -> Tensor:
         """The output embedding [V, d] (the input embedding when tied)."""
         return self.read("embedding")[EMB] if self.tied else self.read("final")[OUT]
 
     def tokenizer_identity(self) -> str:
-        """'sentencepiece:sha256:<16 hex>' (as VocabLayout.text_tokenizer) of the folder's tokenizer, or ''."""
+        """'sentencepiece:sha256:<16 hex>' or 'huggingface:...' (as VocabLayout.text_tokenizer) of the folder's
+        tokenizer, or ''."""
         return tokenizer_identity(self.path)
 
     def nbytes_on_disk(self) -> int:
@@ -100,6 +113,7 @@ class MegatronParent:
                          if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
         self.extra = read_hf_extra(path)
         record = os.path.join(path, CONVERSION_FILE)
+        self.config_file = record if os.path.exists(record) else os.path.join(path, "model_config.json")
         self.hf_config = {}
         if os.path.exists(record):
             with open(record) as f:
@@ -109,6 +123,10 @@ class MegatronParent:
     @property
     def source(self) -> str:
         return f"megatron-jam:{self.path}"
+
+    def image_tokenizer(self) -> ImageTokenizerSource | None:
+        """The image-tokenizer folder an earlier conversion extracted, or None."""
+        return read_image_tokenizer(os.path.join(self.path, IMAGE_TOKENIZER_DIR))
 
     def _load(self, keys: list[str]) -> dict[str, Tensor]:
         from megatron_jam.convert.streaming import load_parts
@@ -200,12 +218,13 @@ class Rows(RowTable):
 
 
 def tokenizer_identity(path: str) -> str:
+    """The identity `megatron_jam.data.text_tokenizer` gives the folder's first tokenizer file, or ''."""
+    from megatron_jam.data.text_tokenizer import file_identity
+
     for name in TOKENIZER_FILES:
         f = os.path.join(path, name)
         if os.path.exists(f):
-            kind = "sentencepiece" if name.endswith(".model") else "hf-tokenizers"
-            with open(f, "rb") as fh:
-                return f"{kind}:sha256:{hashlib.sha256(fh.read()).hexdigest()[:16]}"
+            return file_identity([f], "sentencepiece" if name.endswith(".model") else "huggingface")
     return ""
 
 

@@ -77,6 +77,8 @@ def test_generates_html_with_text_and_one_image_element_per_image_segment(single
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert [d["name"] for d in summary["documents"]] == ["picture", "prompt_0001"]
+    index = (tmp_path / "index.html").read_text()
+    assert summary["index"] == str(tmp_path / "index.html") and index.count("<section>") == 2
     for name in ("picture", "prompt_0001"):
         rec = json.loads((tmp_path / f"{name}.json").read_text())
         page = (tmp_path / f"{name}.html").read_text()
@@ -132,3 +134,56 @@ def test_bad_inputs_fail_before_generation(single_rank, setup, tmp_path, capsys)
            "codebook size 64", out)
     _fails(capsys, _args(root, out, "--prompt", "ka", "--pipeline-model-parallel-size", "2"),
            "whole model on one stage", out)
+
+
+def test_small_decoded_images_are_shown_scaled_up_without_smoothing(single_rank, setup, tmp_path):
+    from PIL import Image
+
+    root, _ = setup
+    assert _tool().main(_args(root, tmp_path, "--prompt", "ka lo", "--start-with-image", "--greedy",
+                              "--image-tokenizer", str(root / "janus"))) == 0
+    rec = json.loads((tmp_path / "prompt_0000.json").read_text())
+    seg = next(s for s in rec["segments"] if s["type"] == "image")
+    w, h = Image.open(tmp_path / seg["file"]).size
+    assert seg["rendering"] == "decoded" and seg["size"] == [w, h] == [16, 16]  # the tokenizer's resolution
+    page = (tmp_path / "prompt_0000.html").read_text()
+    assert "class='pixels' width='256' height='256'" in page and "image-rendering:pixelated" in page
+
+
+def _eval_tool():
+    spec = importlib.util.spec_from_file_location(
+        "eval_gen_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "evaluate_generation.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_evaluate_generation_scores_every_image_at_every_scale(single_rank, setup, tmp_path, capsys):
+    from megatron_jam.data import picture_world
+
+    root, layout = setup
+    items = [{"name": "a", "prompt": "ka lo", "colour": "red", "shape": "circle"},
+             {"name": "b", "prompt": "mi ter san", "colour": "blue", "shape": "square"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    argv = ["--load", str(root / "ckpt"), "--vocab-layout", str(root / "layout.json"), "--tokenizer-model",
+            str(root / "spm.model"), "--image-tokenizer", str(root / "janus"), "--prompts-file",
+            str(tmp_path / "p.jsonl"), "--cfg-scale", "1", "3.5", "1", "--samples-per-prompt", "3",
+            "--batch-size", "4", "--output", str(tmp_path / "r.json"), "--save-images", str(tmp_path / "img"),
+            "--no-progress-bar"]
+    assert _eval_tool().main(argv) == 0
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert rec["scorer"] == "attributes" and len(rec["rows"]) == 3 * 2 * 3
+    assert rec["chance"]["joint_accuracy"] == pytest.approx(1 / (len(picture_world.COLOURS) * len(picture_world.SHAPES)))
+    assert set(rec["results"]) == {"1.0", "3.5"} and rec["results"]["1.0"]["n"] == 12
+    for row in rec["rows"]:
+        assert len(row["codes"]) == layout.tokens_per_image and os.path.exists(row["file"])
+        got = picture_world.read_attributes(row["file"])
+        assert row["joint_ok"] == (got.colour == dict(a="red", b="blue")[row["name"]]
+                                   and got.shape == dict(a="circle", b="square")[row["name"]])
+    first = [r["codes"] for r in rec["rows"][:6]]
+    assert first == [r["codes"] for r in rec["rows"][12:]]  # the same seeds at every scale: scale 1 twice agrees
+    assert first != [r["codes"] for r in rec["rows"][6:12]]  # guidance changes the images
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ka"}) + "\n")
+    argv[argv.index("--prompts-file") + 1] = str(tmp_path / "bad.jsonl")
+    assert _eval_tool().main(argv) == 2
+    assert "needs 'colour' and 'shape'" in capsys.readouterr().err

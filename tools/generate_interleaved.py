@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help='JSON Lines: {"prompt": TEXT} or {"prompt_ids": [ids]}, '
                                           'optional "name", "start_with_image"')
     p.add_argument("--vocab-layout", help="the dataset's PREFIX.vocab.json (default: vocab_layout.json in --load)")
-    p.add_argument("--tokenizer-model", help="sentencepiece model (needed for text prompts and readable text)")
+    p.add_argument("--tokenizer-model", help="sentencepiece .model file, or a Hugging Face tokenizer.json (or its "
+                                             "folder); needed for text prompts and readable text")
+    p.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"),
+                   help="default: inferred from --tokenizer-model")
     p.add_argument("--image-tokenizer", help="VQ tokenizer folder; images are decoded when it has a decoder")
     g = p.add_argument_group("sampling")
     g.add_argument("--cfg-scale", type=float, default=3.5, help="alpha of eq. 6 for image tokens; 1 = off")
@@ -78,7 +81,7 @@ def encode_prompts(items: list[dict], sp, layout) -> None:
         if it["ids"] is None:
             if sp is None:
                 raise ValueError(f"{it['name']}: a text prompt needs --tokenizer-model")
-            it["ids"] = sp.encode(it["text"], out_type=int)
+            it["ids"] = sp.encode(it["text"])
         it["ids"] = [int(t) for t in it["ids"]]
         if it["start_with_image"] and (not it["ids"] or it["ids"][-1] != layout.break_id):
             it["ids"].append(layout.break_id)
@@ -99,7 +102,7 @@ def setup(args):
     validate_model_parallel(cfg, tp=args.tensor_model_parallel_size, pp=1)
     layout = resolve_layout(args.load, args.vocab_layout)
     check_checkpoint_layout(args.load, cfg, layout)
-    sp = load_text_tokenizer(args.tokenizer_model, layout) if args.tokenizer_model else None
+    sp = load_text_tokenizer(args.tokenizer_model, layout, args.tokenizer_type) if args.tokenizer_model else None
     vq = load_image_tokenizer(args.image_tokenizer, layout) if args.image_tokenizer else None
     items = read_prompts(args)
     encode_prompts(items, sp, layout)
@@ -146,7 +149,7 @@ def generate(args) -> list[dict]:
     writes = parallel_state.get_tensor_model_parallel_rank() == 0
     writer = DocumentWriter(args.output, layout, sp, vq) if writes else None
     show = writes and dp_rank == 0 and not args.no_progress_bar
-    records = []
+    records, full = [], []
     bar = tqdm(total=len(mine), desc="prompts", unit="prompt", disable=not show, file=sys.stderr)
     for b in range(0, len(mine), args.batch_size):
         batch = mine[b: b + args.batch_size]
@@ -158,10 +161,13 @@ def generate(args) -> list[dict]:
             if writer is not None:
                 rec = writer.write(it["name"], it["text"], out, meta={"load": args.load, "cfg_scale": params.cfg_scale,
                                                                       "seed": params.seed})
+                full.append(rec)
                 records.append({"name": it["name"], "finish_reason": rec["finish_reason"], "tokens": len(out.ids),
                                 "images": sum(s["type"] == "image" for s in rec["segments"])})
         bar.update(len(batch))
     bar.close()
+    if writer is not None and dp == 1:  # with data parallelism each rank holds only its share
+        records.append({"index": writer.write_index(full)})
     return records
 
 
@@ -177,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if records:
-        print(json.dumps({"output": args.output, "documents": records}, indent=2))
+        index = [r["index"] for r in records if "index" in r]
+        summary = {"output": args.output, "documents": [r for r in records if "index" not in r]}
+        print(json.dumps(summary | ({"index": index[0]} if index else {}), indent=2))
     return 0
 
 

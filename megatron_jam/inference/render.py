@@ -83,6 +83,24 @@ def decode_images(vq, codes: list[list[int]]):
     return [Image.fromarray(a) for a in arr]
 
 
+def _display_size(seg: dict, target: int = 256) -> str:
+    """HTML attributes that show a small image scaled up by an integer factor, without smoothing."""
+    w, h = seg.get("size", (0, 0))
+    if not w or max(w, h) >= target:
+        return ""
+    k = max(1, target // max(w, h))
+    return f"class='pixels' width='{w * k}' height='{h * k}' "
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto}"
+            ".prompt{color:#555;border-left:3px solid #999;padding-left:1em}"
+            "figure{margin:1em 0}figcaption{font-size:80%;color:#555}"
+            "img.pixels{image-rendering:pixelated;image-rendering:crisp-edges}</style></head><body>\n"
+            f"{body}\n</body></html>\n")
+
+
 class DocumentWriter:
     """Writes one prompt's result as NAME.html, NAME.md, NAME.json and NAME_imgK.png under `folder`."""
 
@@ -108,6 +126,7 @@ class DocumentWriter:
             else:
                 im, seg["rendering"] = token_grid_image(seg["codes"], self.layout.codebook_size), "token_grid"
             im.save(os.path.join(self.folder, seg["file"]))
+            seg["size"] = list(im.size)
         for seg in segs:
             if seg["type"] == "text":
                 seg["text"] = self.text(seg["ids"])
@@ -123,11 +142,10 @@ class DocumentWriter:
         return record
 
     def _html(self, rec: dict) -> str:
-        parts = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(rec['name'])}</title>"
-                 "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto}"
-                 ".prompt{color:#555;border-left:3px solid #999;padding-left:1em}"
-                 "figure{margin:1em 0}figcaption{font-size:80%;color:#a00}</style></head><body>",
-                 f"<p class='prompt'><b>Prompt:</b> {html.escape(rec['prompt'])}</p>"]
+        return _page(rec["name"], self._body(rec))
+
+    def _body(self, rec: dict) -> str:
+        parts = [f"<p class='prompt'><b>Prompt:</b> {html.escape(rec['prompt'])}</p>"]
         for seg in rec["segments"]:
             if seg["type"] == "text":
                 parts.append(f"<p class='text'>{html.escape(seg['text'])}</p>")
@@ -135,12 +153,19 @@ class DocumentWriter:
                 caption = ("decoded with the VQ decoder" if seg["rendering"] == "decoded" else GRID_LABEL)
                 if not seg["complete"]:
                     caption += f" (incomplete: {len(seg['codes'])} of {self.layout.tokens_per_image} tokens)"
-                parts.append(f"<figure><img src='{html.escape(seg['file'])}' alt='generated image "
-                             f"tokens {seg['start']}-{seg['end']}'><figcaption>{html.escape(caption)}"
+                parts.append(f"<figure><img src='{html.escape(seg['file'])}' {_display_size(seg)}alt='generated "
+                             f"image tokens {seg['start']}-{seg['end']}'><figcaption>{html.escape(caption)}"
                              "</figcaption></figure>")
-        parts.append(f"<p><small>finish: {html.escape(rec['finish_reason'])}, {len(rec['ids'])} tokens"
-                     "</small></p></body></html>\n")
+        parts.append(f"<p><small>finish: {html.escape(rec['finish_reason'])}, {len(rec['ids'])} tokens</small></p>")
         return "\n".join(parts)
+
+    def write_index(self, records: list[dict], title: str = "generated documents") -> str:
+        """index.html: every document of this run on one page, in order; returns its path."""
+        body = "\n".join(f"<section><h2>{html.escape(r['name'])}</h2>\n{self._body(r)}</section>" for r in records)
+        path = os.path.join(self.folder, "index.html")
+        with open(path, "w") as f:
+            f.write(_page(title, body))
+        return path
 
     def _markdown(self, rec: dict) -> str:
         lines = [f"# {rec['name']}", "", f"> **Prompt:** {rec['prompt']}", ""]

@@ -42,9 +42,10 @@ def dataset_stats(prefix: str, layout: VocabLayout) -> Dict[str, Any]:
     modes = ds.index.sequence_modes if header["has_modes"] else np.zeros(len(lengths), np.int8)
     image = modes == MODE_IMAGE
     tokens = np.memmap(prefix + ".bin", dtype=header["dtype"], mode="r")
-    special = int(np.count_nonzero(layout.is_special(tokens)))
+    in_text = ~np.repeat(image, lengths)  # image sequences may hold format markers (Emu3): not counted here
+    special = int(np.count_nonzero(layout.is_special(tokens) & in_text))
     if not layout.dedicated_eos:
-        special += int(np.count_nonzero(tokens == layout.eos_id))
+        special += int(np.count_nonzero((tokens == layout.eos_id) & in_text))
     return {"prefix": prefix, "dtype": header["dtype"].name, "multimodal": header["has_modes"],
             "documents": int(len(ds.index.document_indices) - 1), "sequences": int(len(lengths)),
             "text_sequences": int(np.count_nonzero(~image)), "image_sequences": int(np.count_nonzero(image)),
@@ -112,6 +113,14 @@ def print_stats(stats: Dict[str, Any], layout: VocabLayout, path: str) -> None:
     print(f"  <break> {layout.break_id}  <eos> {layout.eos_id}{'' if layout.dedicated_eos else ' (text tokenizer)'}"
           f"  <mask> {layout.mask_id}  <eos_span> {layout.eos_span_id}  "
           f"sentinels {layout.num_sentinels} from {layout.sentinel_id(0) if layout.num_sentinels else '-'}")
+    if layout.native:  # the parent's own ids: say where codes and markers are, and what was appended
+        print(f"  native layout  {layout.vocab_size} ids (parent {layout.parent_vocab_size}, appended "
+              f"{sorted(layout.appended_specials) or 'none'}), image format {layout.image_format}, "
+              f"markers {layout.image_markers}")
+        print(f"  image ids      code 0 at {layout.image_offset}{'' if layout.image_code_offset >= 0 else ' (mapped)'}"
+              f"  codebook {layout.codebook_size}, default grid {list(layout.image_grid)} "
+              f"({layout.image_tokenizer or 'codes given'})")
+        return
     print(f"  image ids      [{layout.image_offset}, {layout.vocab_size})  codebook {layout.codebook_size}, "
           f"{layout.tokens_per_image} tokens/image ({layout.image_tokenizer or 'codes given'})")
 

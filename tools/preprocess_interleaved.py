@@ -22,6 +22,7 @@ tools/README.md for the exact commands.
 import argparse
 import glob
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -57,6 +58,16 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--dedicated-eos", action="store_true",
                    help="give <eos> its own id even if the text tokenizer has one")
     g.add_argument("--vocab-layout", help="existing layout JSON the output must match")
+    g.add_argument("--vocab-layout-kind", choices=("appended", "native"), default="appended",
+                   help="appended: our specials and image codes after the text ids (default); native: keep the "
+                        "image parent's own ids (an Emu3 tokenizer folder as --tokenizer-model: codes, image "
+                        "markers and the Emu3 image format; see docs/data.md)")
+    g.add_argument("--image-grid", type=int, nargs=2, metavar=("H", "W"),
+                   help="native: default latent grid of an image (flat image_tokens, VQ codes, generation); "
+                        "default: the square of --tokens-per-image or the VQ's, else Emu3's 90 90")
+    g.add_argument("--native-specials", choices=("reserved", "appended"), default=None,
+                   help="native: CM3 sentinels, <eos_span> and <mask> on the parent's reserved <|extra_N|> "
+                        "tokens (default), or as rows appended after its vocabulary")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True)
     g.add_argument("--shard-size", type=int, default=0, help="documents (or tokens) per shard; 0 = one output")
@@ -78,6 +89,12 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- layout
 def build_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optional[VQImageTokenizer]) -> VocabLayout:
     """The vocabulary layout from the tokenizers and flags (and checked against --vocab-layout)."""
+    reference = VocabLayout.from_json(args.vocab_layout) if args.vocab_layout else None
+    if getattr(args, "vocab_layout_kind", "appended") == "native" or (reference is not None and reference.native):
+        layout = build_native_layout(args, text, vq, reference)
+        if reference is not None:
+            layout.check_compatible(reference, "this run", args.vocab_layout)
+        return layout
     codebook, per_image = args.codebook_size, args.tokens_per_image
     if vq is not None:
         for flag, given, actual in (("--codebook-size", codebook, vq.codebook_size),
@@ -96,6 +113,34 @@ def build_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optional[VQI
                          image_tokenizer=vq.identity if vq is not None else "")
     if args.vocab_layout:
         layout.check_compatible(VocabLayout.from_json(args.vocab_layout), "this run", args.vocab_layout)
+    return layout
+
+
+def build_native_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optional[VQImageTokenizer],
+                        reference: Optional[VocabLayout] = None) -> VocabLayout:
+    """--vocab-layout-kind native (or a native --vocab-layout, e.g. for tools/preprocess_instruct.py): the
+    image parent's own ids, from its tokenizer folder (Emu3)."""
+    from megatron_jam.data.native_vocab import EMU3_DEFAULT_GRID, emu3_layout
+
+    if text.type != "HuggingFaceTokenizer":
+        raise ValueError(f"--vocab-layout-kind native needs the parent's Hugging Face tokenizer folder as "
+                         f"--tokenizer-model, got {text.type} {args.tokenizer_model}")
+    if args.dedicated_eos:
+        raise ValueError("--dedicated-eos applies to --vocab-layout-kind appended (native <eos> is the parent's)")
+    per_image = vq.tokens_per_image if vq is not None else args.tokens_per_image
+    side = math.isqrt(per_image) if per_image else 0
+    grid = getattr(args, "image_grid", None) or (reference.image_grid if reference is not None else None) or (
+        (side, side) if per_image and side * side == per_image else EMU3_DEFAULT_GRID)
+    specials = getattr(args, "native_specials", None) or (
+        "appended" if reference is not None and reference.appended_specials else "reserved")
+    layout = emu3_layout(args.tokenizer_model, num_sentinels=args.num_sentinels, image_grid=grid,
+                         specials=specials, image_tokenizer=vq.identity if vq is not None else "")
+    for flag, given in (("--codebook-size", vq.codebook_size if vq is not None else args.codebook_size),
+                        ("--tokens-per-image", per_image)):
+        actual = layout.codebook_size if flag == "--codebook-size" else layout.tokens_per_image
+        if given is not None and given != actual:
+            raise ValueError(f"{flag} {given} (or the VQ model's) disagrees with the native layout's {actual} "
+                             f"(tokenizer {args.tokenizer_model}, --image-grid {list(grid)})")
     return layout
 
 

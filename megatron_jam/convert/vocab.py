@@ -74,7 +74,7 @@ ROW_SLICE_ELEMENTS = 1 << 22
 def plan_vocab(llm_rows: int, img_rows: int, layout=None, text_vocab_size: int | None = None) -> VocabPlan:
     """The row plan for two parents; ConvertError when their vocabularies cannot be fused."""
     if layout is not None:
-        t, v, source = layout.text_vocab_size, layout.vocab_size, "--vocab-layout"
+        t, v, source = layout.text_rows, layout.vocab_size, "--vocab-layout"  # native: rows before the codes
     elif text_vocab_size is not None:
         t, v, source = text_vocab_size, img_rows, "--text-vocab-size"
     elif llm_rows <= img_rows:

@@ -15,8 +15,12 @@ CM3leon's modality rule; DESIGN.md section 4, paper section 3.1):
    (`<break>`, `<eos>` = document boundary, any special id), is clipped to the
    segment its start falls in, and a span that touches an image covers exactly
    that whole image (a partial image at the edge of the window is never
-   masked). Spans that collapse or collide are redrawn (up to
-   `max_attempts` times; then fewer spans are kept);
+   masked). What an image is comes from the layout's image format
+   (`megatron_jam.data.image_format`): in Emu3's format the whole structure,
+   `<|image start|>` to `<|image end|>` with its size text and end-of-line
+   tokens, and an image of any grid size counts as complete when well formed.
+   Spans that collapse or collide are redrawn (up to `max_attempts` times;
+   then fewer spans are kept);
    With `caption_mask_prob` > 0, each caption (a text segment directly
    followed by `<break>` and a complete image) is also masked whole with that
    probability, as one more span (within the same cap): this teaches
@@ -113,10 +117,13 @@ def caption_spans(tokens: np.ndarray, layout: VocabLayout, rng: np.random.Genera
     if bounds.shape[0] < 2:
         return np.zeros((0, 2), dtype=np.int64)
     text, image = seg_image[:-1] == 0, seg_image[1:] == 1
-    gap = bounds[1:, 0] - bounds[:-1, 1] == 1
-    ends = np.minimum(bounds[:-1, 1], tokens.size - 1)
-    is_break = tokens[ends] == layout.break_id
-    candidates = bounds[:-1][text & image & gap & is_break]
+    if layout.format.uses_break:  # text <break> image
+        gap = bounds[1:, 0] - bounds[:-1, 1] == 1
+        ends = np.minimum(bounds[:-1, 1], tokens.size - 1)
+        adjacent = gap & (tokens[ends] == layout.break_id)
+    else:  # the image's own opening marker follows the text directly
+        adjacent = bounds[1:, 0] == bounds[:-1, 1]
+    candidates = bounds[:-1][text & image & adjacent]
     keep = rng.random(candidates.shape[0]) < prob
     return candidates[keep].astype(np.int64)
 
@@ -129,7 +136,8 @@ def _without_overlaps(spans: np.ndarray, taken: np.ndarray) -> np.ndarray:
     return spans[~overlap.any(axis=1)]
 
 
-def segment_table(tokens: np.ndarray, layout: VocabLayout) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def segment_table(tokens: np.ndarray, layout: VocabLayout, context: Optional[np.ndarray] = None
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Maskable segments of `tokens` (vectorised).
 
     Returns (next_ok, seg_of, seg_bounds, seg_maskable_image):
@@ -137,10 +145,19 @@ def segment_table(tokens: np.ndarray, layout: VocabLayout) -> Tuple[np.ndarray, 
     seg_of[t] the segment id of token t (-1 for separators); seg_bounds [S, 2]
     the half-open bounds of each segment; seg_image[s] is 0 for a text
     segment, 1 for a complete image, -1 for a partial image (not maskable).
+
+    In the `ours` image format an image is a run of image codes; in formats with
+    markers (`emu3`) it is the whole structure the format finds (markers, size
+    text, codes, end-of-line tokens), one segment that spans always cover whole.
+    `context` (structured formats only) is the window `tokens` was cut from: images
+    are found in it, so the size text of an image cut by `tokens`' end is never
+    mistaken for text.
     """
     tokens = np.asarray(tokens)
     m = tokens.size
     sep = layout.is_special(tokens) | (tokens == layout.eos_id) | (tokens < 0) | (tokens >= layout.vocab_size)
+    if layout.format.name != "ours":
+        return _structured_segment_table(tokens, sep, layout, tokens if context is None else context)
     img = layout.is_image(tokens)
     prev_sep = np.concatenate([[True], sep[:-1]])
     next_sep = np.concatenate([sep[1:], [True]])
@@ -158,13 +175,42 @@ def segment_table(tokens: np.ndarray, layout: VocabLayout) -> Tuple[np.ndarray, 
     return next_ok, seg_of, np.stack([starts, ends], axis=1), seg_image
 
 
+def _structured_segment_table(tokens: np.ndarray, sep: np.ndarray, layout: VocabLayout, context: np.ndarray
+                              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`segment_table` for image formats whose images are marker-delimited structures."""
+    m = tokens.size
+    img_bounds, complete = layout.format.image_spans(context)
+    keep = img_bounds[:, 0] < m  # images found in the context, clipped to `tokens`: a clipped one is partial
+    img_bounds, complete = img_bounds[keep], complete[keep] & (img_bounds[keep, 1] <= m)
+    img_bounds[:, 1] = np.minimum(img_bounds[:, 1], m)
+    in_img = np.zeros(m, dtype=bool)
+    for a, b in img_bounds.tolist():
+        in_img[a:b] = True
+    sep = sep & ~in_img
+    text = ~sep & ~in_img
+    prev_text = np.concatenate([[False], text[:-1]])
+    next_text = np.concatenate([text[1:], [False]])
+    starts = np.concatenate([np.flatnonzero(text & ~prev_text), img_bounds[:, 0]]).astype(np.int64)
+    ends = np.concatenate([np.flatnonzero(text & ~next_text) + 1, img_bounds[:, 1]]).astype(np.int64)
+    kinds = np.concatenate([np.zeros(starts.size - complete.size, dtype=np.int64), np.where(complete, 1, -1)])
+    order = np.argsort(starts, kind="stable")
+    bounds, seg_image = np.stack([starts[order], ends[order]], axis=1), kinds[order]
+    seg_of = np.full(m, -1, dtype=np.int64)
+    for k, (a, b) in enumerate(bounds.tolist()):
+        seg_of[a:b] = k
+    ok_idx = np.where(sep, m, np.arange(m))
+    next_ok = np.minimum.accumulate(np.concatenate([ok_idx, [m]])[::-1])[::-1]
+    return next_ok, seg_of, bounds.reshape(-1, 2), seg_image
+
+
 def place_spans(tokens: np.ndarray, n: int, rng: np.random.Generator, layout: VocabLayout,
-                max_attempts: int = 8) -> np.ndarray:
-    """Up to n non-overlapping spans ([k, 2], position order) that obey the modality rule."""
+                max_attempts: int = 8, context: Optional[np.ndarray] = None) -> np.ndarray:
+    """Up to n non-overlapping spans ([k, 2], position order) that obey the modality rule (`context`: see
+    `segment_table`)."""
     m = int(np.asarray(tokens).size)
     if n == 0 or m == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    next_ok, seg_of, bounds, seg_image = segment_table(tokens, layout)
+    next_ok, seg_of, bounds, seg_image = segment_table(tokens, layout, context)
     if bounds.shape[0] == 0 or not ((seg_image == 0).any() or (seg_image == 1).any()):
         return np.zeros((0, 2), dtype=np.int64)
     n = min(n, (m + 1) // 2)
@@ -232,7 +278,8 @@ def cm3_transform(tokens: np.ndarray, layout: VocabLayout, rng: np.random.Genera
     n_fit = min(n, max(0, (max_length - 1) // 4))  # keep >= 1 raw token per span + its 3 extra tokens
     budget = min(tokens.size, max_length - 3 * n_fit)
     forced = forced[forced[:, 1] <= budget][:n_fit]
-    spans = place_spans(tokens[:budget], n_fit - forced.shape[0], rng, layout, config.max_attempts)
+    spans = place_spans(tokens[:budget], n_fit - forced.shape[0], rng, layout, config.max_attempts,
+                        context=tokens[:max_length])
     if forced.shape[0]:
         spans = np.concatenate([forced, _without_overlaps(spans, forced)])
         spans = spans[np.argsort(spans[:, 0], kind="stable")]

@@ -240,7 +240,7 @@ def make_sample(raw: np.ndarray, weights: np.ndarray, seq_length: int, layout: V
         out = cm3_transform(raw, layout, rng, cm3, max_length=total)
         tokens = out.tokens
         w = np.where(out.source >= 0, weights[np.maximum(out.source, 0)], 1.0).astype(np.float32)
-        sentinel = (tokens >= layout.eos_span_id + 1) & (tokens < layout.image_offset)
+        sentinel = layout.is_sentinel(tokens)
         w[sentinel] *= cm3.sentinel_loss_weight
     else:
         tokens, w = raw, weights.astype(np.float32)

@@ -5,7 +5,7 @@ where `<break>` and `<eos>` sit and which stored sequence is an image. This
 module is the single definition.
 
 A document is a list of items: text (sentencepiece ids), images (VQ codes,
-exactly `tokens_per_image` of them). Its token stream is::
+exactly `tokens_per_image` of them in the default `ours` image format). Its token stream is::
 
     seg_0 [<break>] seg_1 [<break>] ... seg_n <eos>
 
@@ -21,6 +21,12 @@ maximal run of non-image tokens (text ids, `<break>`, `<eos>`) is one
 text-mode (0) sequence. So `<break>` belongs to the text sequence next to the
 image, and `<eos>` to the last text sequence, which may be `[<eos>]` alone.
 Example: [text A, image X, text B] -> (A <break>)₀ (X)₁ (<break> B <eos>)₀.
+
+Other image formats (`megatron_jam.data.image_format`, the layout's
+`image_format`): the image-mode sequence holds the whole image structure the
+format writes (Emu3: `<|image start|> h*w <|image token|> rows <eof>
+<|image end|>`), and formats whose markers delimit images get no `<break>`:
+[text A, image X, text B] -> (A)₀ (X)₁ (B <eos>)₀.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from megatron_jam.data.image_format import ImageFormatError
 from megatron_jam.data.indexed_builder import MODE_IMAGE, MODE_TEXT, DocumentBatch
 from megatron_jam.data.vocab import VocabLayout
 
@@ -82,21 +89,34 @@ def _content_item(item: Any, index: int) -> Tuple[str, Any]:
 
 
 def image_codes_to_ids(codes: Any, layout: VocabLayout, index: int) -> np.ndarray:
-    """Validated VQ codes of one image -> vocabulary ids."""
+    """Validated VQ codes of one image -> the ids stored for it (`layout.format`; `ours`: the code ids).
+
+    `codes` is a flat list (the layout's default grid: exactly `tokens_per_image` codes) or a list of
+    h rows of w codes (the grid is its shape; the `emu3` format writes it into the tokens).
+    """
     try:
         arr = np.asarray(codes)
     except (ValueError, TypeError) as e:
         raise RejectedDocument("malformed_json", f"content[{index}].image_tokens: {e}") from e
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise RejectedDocument("malformed_json", f"content[{index}].image_tokens must be a flat list of ints")
-    if arr.size != layout.tokens_per_image:
+    if arr.ndim not in (1, 2) or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise RejectedDocument("malformed_json", f"content[{index}].image_tokens must be a flat list of ints "
+                               "or a list of equal-length rows of ints")
+    if arr.ndim == 1 and arr.size != layout.tokens_per_image:
         raise RejectedDocument("image_tokens_length", f"content[{index}] has {arr.size} codes, "
                                f"the layout needs {layout.tokens_per_image} per image")
+    if arr.size == 0:
+        raise RejectedDocument("image_tokens_length", f"content[{index}] has no codes")
     if arr.min() < 0 or arr.max() >= layout.codebook_size:
         bad = arr[(arr < 0) | (arr >= layout.codebook_size)][0]
         raise RejectedDocument("token_out_of_range", f"content[{index}] code {int(bad)} is outside the "
                                f"codebook [0, {layout.codebook_size})")
-    return arr.astype(np.int64) + layout.image_offset
+    fmt = layout.format
+    grid = fmt.default_grid if arr.ndim == 1 else (int(arr.shape[0]), int(arr.shape[1]))
+    try:
+        fmt.check_grid(grid, f"content[{index}]")
+        return fmt.image_ids(arr.reshape(-1).astype(np.int64), grid)
+    except ImageFormatError as e:
+        raise RejectedDocument("image_tokens_length", str(e)) from e
 
 
 def build_sequences(segments: Sequence[Tuple[str, np.ndarray]], layout: VocabLayout
@@ -116,11 +136,12 @@ def build_sequences(segments: Sequence[Tuple[str, np.ndarray]], layout: VocabLay
     if not merged:
         raise RejectedDocument("empty_document", "no text tokens and no images")
     brk, eos = np.array([layout.break_id]), np.array([layout.eos_id])
+    uses_break = layout.format.uses_break
     sequences: List[np.ndarray] = []
     modes: List[int] = []
     run: List[np.ndarray] = []  # pending non-image tokens
     for i, (kind, ids) in enumerate(merged):
-        if i > 0 and (kind == IMAGE or merged[i - 1][0] == IMAGE):
+        if uses_break and i > 0 and (kind == IMAGE or merged[i - 1][0] == IMAGE):
             run.append(brk)
         if kind == IMAGE:
             if run:
@@ -181,7 +202,7 @@ def split_segments(tokens: np.ndarray, modes: Sequence[int], lengths: Sequence[i
         seq = np.asarray(tokens[start:start + length], dtype=np.int64)
         start += length
         if mode == MODE_IMAGE:
-            out.append((IMAGE, layout.image_codes(seq)))
+            out.append((IMAGE, layout.format.parse(seq)[0]))
             continue
         text: List[int] = []
         for t in seq.tolist():

@@ -122,8 +122,8 @@ def build_instruct_sequences(segments: Sequence[Tuple[bool, str, np.ndarray]], l
     for i, (loss, kind, ids) in enumerate(merged):
         if run_loss is not None and run_loss != loss:
             flush()
-        if i > 0 and (kind == IMAGE or merged[i - 1][1] == IMAGE):
-            run.append(np.array([layout.break_id]))
+        if layout.format.uses_break and i > 0 and (kind == IMAGE or merged[i - 1][1] == IMAGE):
+            run.append(np.array([layout.break_id]))  # formats with markers (Emu3) need no <break>
             run_loss = loss
         if kind == IMAGE:
             flush()

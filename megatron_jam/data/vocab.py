@@ -32,19 +32,52 @@ and costs 32 embedding rows.
 
 The model's padded vocabulary (divisible by 128 x TP) is the model's
 business; ids at or above :attr:`vocab_size` never occur in the data.
+
+Native layouts (``kind="native"``, JSON version 2): when the image parent
+already holds its image codes and image markers in its own vocabulary (Emu3:
+codes at 151,854 + c), the fused model keeps those ids, so every trained
+embedding and output row keeps its meaning. Nothing is derived from a
+contiguous scheme then; the layout records every role explicitly:
+
+- ``text_ranges``: half-open id ranges of ordinary text tokens (what text mode
+  may sample; the tokenizer's own special and reserved tokens are not text);
+- ``image_code_offset`` (codes contiguous, id = offset + c) or
+  ``image_code_ids`` (an explicit code -> id map, e.g. Chameleon's codes that
+  are BPE tokens 4..8195 in no code order);
+- ``special_ids``: ``<break>`` (the token that opens an image: Emu3's
+  ``<|image start|>``), ``<eos>``, ``<mask>``, ``<eos_span>`` and the
+  sentinels, each either an existing (reserved) parent token or an appended
+  row at ``parent_vocab_size`` and after; ids >= ``parent_vocab_size`` are
+  the appended ones and must be contiguous from it;
+- ``image_markers`` and ``size_digit_ids``: the structural tokens of the image
+  format (``megatron_jam.data.image_format``), ``image_grid`` the default
+  latent grid (``tokens_per_image`` = its h * w codes, a default, not a
+  constant: Emu3 images carry their own grid size).
+
+``megatron_jam.data.native_vocab.emu3_layout`` builds one from an Emu3
+tokenizer folder. Version-1 (appended) files load and write exactly as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
 LAYOUT_VERSION = 1
+NATIVE_LAYOUT_VERSION = 2
+APPENDED, NATIVE = "appended", "native"
+"""Layout kinds: our contiguous scheme after the text ids (version 1), or the parent's own ids (version 2)."""
+NATIVE_FIELDS = ("kind", "image_format", "parent_vocab_size", "text_ranges", "image_code_offset",
+                 "image_code_ids", "image_grid", "special_ids", "image_markers", "size_digit_ids")
+"""Fields only native layouts write (an appended layout's JSON is exactly the version-1 file)."""
+# kinds of ids in a native layout's lookup table
+_OTHER, _TEXT, _SPECIAL, _IMAGE, _MARKER = 0, 1, 2, 3, 4
 LAYOUT_SUFFIX = ".vocab.json"
 DEFAULT_NUM_SENTINELS = 32
 _SHARD_SUFFIX = re.compile(r"_\d{5}$")
@@ -61,9 +94,10 @@ class VocabLayout:
     text_vocab_size: int
     """Number of text tokenizer ids (sentencepiece pieces, or a tokenizer.json's vocabulary with added tokens)."""
     codebook_size: int
-    """Number of VQ codebook entries; image ids are image_offset + code."""
+    """Number of VQ codebook entries; image ids are image_offset + code (native: see `image_ids`)."""
     tokens_per_image: int
-    """VQ codes per image (e.g. 1024 for a 32x32 latent grid); fixed per image tokenizer."""
+    """VQ codes per image (e.g. 1024 for a 32x32 latent grid); fixed per image tokenizer. In image formats
+    that write the grid into the tokens (Emu3) only the default: data may hold other grids."""
     num_sentinels: int = DEFAULT_NUM_SENTINELS
     """Number of CM3 `<sentinel:i>` tokens."""
     text_eos_id: Optional[int] = None
@@ -73,9 +107,39 @@ class VocabLayout:
     image_tokenizer: str = ""
     """Identity of the image tokenizer ("chameleon_vqgan:sha256:..."), "" if codes were given."""
     version: int = LAYOUT_VERSION
-    """Format version of this layout file."""
+    """Format version of this layout file (1: appended, 2: native)."""
+    kind: str = APPENDED
+    """`appended` (the contiguous scheme above) or `native` (the parent's own ids, fields below)."""
+    image_format: str = "ours"
+    """How an image sits in the token stream (`megatron_jam.data.image_format`): `ours` or `emu3`."""
+    parent_vocab_size: int = 0
+    """Native: embedding rows of the parent; ids at and above it are appended special rows."""
+    text_ranges: Tuple[Tuple[int, int], ...] = ()
+    """Native: half-open ranges of ordinary text ids."""
+    image_code_offset: int = -1
+    """Native: id of code 0 when codes are contiguous (id = offset + code); -1 when `image_code_ids` is given."""
+    image_code_ids: Tuple[int, ...] = ()
+    """Native: explicit code -> id map (index = code) when codes are not contiguous."""
+    image_grid: Tuple[int, ...] = ()
+    """Native: default latent grid (h, w); tokens_per_image = h * w."""
+    special_ids: Dict[str, int] = dataclasses.field(default_factory=dict)
+    """Native: `<break>`, `<eos>`, `<mask>`, `<eos_span>`, `<sentinel:i>` -> id (reserved parent token or appended)."""
+    image_markers: Dict[str, int] = dataclasses.field(default_factory=dict)
+    """Native: structural tokens of the image format by role (e.g. `end_of_line` -> id)."""
+    size_digit_ids: Dict[str, int] = dataclasses.field(default_factory=dict)
+    """Native: ids of "0".."9" and "*", how an image's grid size is written as text (Emu3's `90*90`)."""
+
+    def __hash__(self) -> int:  # dict fields: hash the canonical JSON instead
+        return hash(self.to_json())
 
     def __post_init__(self) -> None:
+        if self.kind == NATIVE:
+            self._normalise_native()
+            return
+        if self.kind != APPENDED:
+            raise VocabLayoutError(f"VocabLayout.kind must be {APPENDED!r} or {NATIVE!r}, got {self.kind!r}")
+        if self.image_format != "ours" or any(getattr(self, f) != _DEFAULTS[f] for f in NATIVE_FIELDS[2:]):
+            raise VocabLayoutError("VocabLayout: native fields (image_format, special_ids, ...) need kind='native'")
         for name in ("text_vocab_size", "codebook_size", "tokens_per_image"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -90,53 +154,127 @@ class VocabLayout:
         if self.version != LAYOUT_VERSION:
             raise VocabLayoutError(f"unsupported vocabulary layout version {self.version} (expected {LAYOUT_VERSION})")
 
+    def _normalise_native(self) -> None:
+        """Canonical types (JSON gives lists) and the consistency rules of a native layout."""
+        put = functools.partial(object.__setattr__, self)
+        put("text_ranges", tuple((int(a), int(b)) for a, b in self.text_ranges))
+        put("image_code_ids", tuple(int(i) for i in self.image_code_ids))
+        put("image_grid", tuple(int(i) for i in self.image_grid))
+        for name in ("special_ids", "image_markers", "size_digit_ids"):
+            put(name, {str(k): int(v) for k, v in dict(getattr(self, name)).items()})
+        from megatron_jam.data.native_vocab import validate_native
+
+        validate_native(self)
+
+    @property
+    def native(self) -> bool:
+        """Whether ids are the parent's own (version 2) rather than our contiguous scheme."""
+        return self.kind == NATIVE
+
     # ------------------------------------------------------------------ ids
     @property
     def break_id(self) -> int:
-        """`<break>`: separates a text run from an image (and two adjacent images)."""
-        return self.text_vocab_size
+        """`<break>`: separates a text run from an image (and two adjacent images); in a native layout the
+        token that opens an image (Emu3: `<|image start|>`)."""
+        return self.special_ids["<break>"] if self.native else self.text_vocab_size
 
     @property
     def dedicated_eos(self) -> bool:
-        """Whether `<eos>` has its own id in the special block."""
+        """Whether `<eos>` has its own id in the special block (not the text tokenizer's)."""
         return self.text_eos_id is None
 
     @property
     def eos_id(self) -> int:
         """`<eos>`: ends every document."""
+        if self.native:
+            return self.special_ids["<eos>"]
         return self.text_vocab_size + 1 if self.dedicated_eos else int(self.text_eos_id)
 
     @property
     def mask_id(self) -> int:
         """`<mask>`: reserved. No training sample contains it, so its embedding row is untrained; the
         unconditional context of classifier-free guidance is CM3's `<sentinel:0>` instead (decoding.py)."""
+        if self.native:
+            return self.special_ids["<mask>"]
         return self.text_vocab_size + (2 if self.dedicated_eos else 1)
 
     @property
     def eos_span_id(self) -> int:
         """`<eos_span>`: closes a CM3 span appended at the end of a sample."""
-        return self.mask_id + 1
+        return self.special_ids["<eos_span>"] if self.native else self.mask_id + 1
 
     def sentinel_id(self, i: int) -> int:
         """`<sentinel:i>`, 0 <= i < num_sentinels."""
         if not 0 <= i < self.num_sentinels:
             raise IndexError(f"sentinel {i} out of range [0, {self.num_sentinels})")
-        return self.eos_span_id + 1 + i
+        return self.special_ids[f"<sentinel:{i}>"] if self.native else self.eos_span_id + 1 + i
 
     @property
     def num_special_tokens(self) -> int:
-        """Ids between the text vocabulary and the image codes."""
+        """Appended layout: ids between the text vocabulary and the image codes; native: role ids + markers."""
+        if self.native:
+            return len(set(self.special_ids.values()) | set(self.image_markers.values()))
         return self.image_offset - self.text_vocab_size
 
     @property
     def image_offset(self) -> int:
-        """Id of image code 0."""
+        """Id of image code 0 (in a native layout with an explicit code map, codes need not follow it:
+        convert with `image_ids` / `image_codes`)."""
+        if self.native:
+            return self.image_code_offset if self.image_code_offset >= 0 else self.image_code_ids[0]
         return self.eos_span_id + 1 + self.num_sentinels
+
+    @property
+    def text_rows(self) -> int:
+        """Rows before the image codes: what JAM-Cross takes from both parents (all text-side rows)."""
+        if self.native:
+            return self.image_offset if self.image_code_offset >= 0 else min(self.image_code_ids)
+        return self.text_vocab_size
 
     @property
     def vocab_size(self) -> int:
         """Number of ids used by data (before any model padding)."""
+        if self.native:
+            return max(self.parent_vocab_size, max(self.special_ids.values()) + 1)
         return self.image_offset + self.codebook_size
+
+    @property
+    def appended_specials(self) -> Dict[str, int]:
+        """Native: the special tokens that are rows appended after the parent's vocabulary."""
+        return {k: v for k, v in self.special_ids.items() if v >= self.parent_vocab_size} if self.native else {}
+
+    @property
+    def format(self):
+        """The `ImageFormat` of this layout (how an image sits in the token stream)."""
+        from megatron_jam.data.image_format import image_format
+
+        return image_format(self)
+
+    @functools.cached_property
+    def _kinds(self) -> np.ndarray:
+        """Native: id -> kind (_TEXT, _SPECIAL, ...) over [0, vocab_size)."""
+        from megatron_jam.data.native_vocab import kind_table
+
+        return kind_table(self)
+
+    @functools.cached_property
+    def _code_of(self) -> np.ndarray:
+        """Native: id -> code (-1 for a non-image id) over [0, vocab_size)."""
+        table = np.full(self.vocab_size, -1, dtype=np.int64)
+        table[self._code_ids] = np.arange(self.codebook_size)
+        return table
+
+    @functools.cached_property
+    def _code_ids(self) -> np.ndarray:
+        """Native: code -> id."""
+        if self.image_code_offset >= 0:
+            return np.arange(self.codebook_size, dtype=np.int64) + self.image_code_offset
+        return np.asarray(self.image_code_ids, dtype=np.int64)
+
+    def _is_kind(self, ids: Any, kind: int) -> np.ndarray:
+        ids = np.asarray(ids)
+        inside = (ids >= 0) & (ids < self.vocab_size)
+        return inside & (self._kinds[np.clip(ids, 0, self.vocab_size - 1)] == kind)
 
     @property
     def dtype(self) -> np.dtype:
@@ -145,6 +283,8 @@ class VocabLayout:
 
     def special_tokens(self) -> Dict[str, int]:
         """Name -> id of every special token (including `<eos>` when it is sentencepiece's)."""
+        if self.native:
+            return dict(self.special_ids)
         names = {"<break>": self.break_id, "<eos>": self.eos_id, "<mask>": self.mask_id,
                  "<eos_span>": self.eos_span_id}
         names.update({f"<sentinel:{i}>": self.sentinel_id(i) for i in range(self.num_sentinels)})
@@ -153,18 +293,32 @@ class VocabLayout:
     # ------------------------------------------------------------ vectorised
     def is_image(self, ids: Any) -> np.ndarray:
         """Boolean mask of image-code ids (numpy, any shape)."""
+        if self.native:
+            return self._is_kind(ids, _IMAGE)
         ids = np.asarray(ids)
         return (ids >= self.image_offset) & (ids < self.vocab_size)
 
     def is_text(self, ids: Any) -> np.ndarray:
-        """Boolean mask of sentencepiece ids (including a reused sentencepiece `<eos>`)."""
+        """Boolean mask of text ids (appended layout: including a reused text-tokenizer `<eos>`)."""
+        if self.native:
+            return self._is_kind(ids, _TEXT)
         ids = np.asarray(ids)
         return (ids >= 0) & (ids < self.text_vocab_size)
 
     def is_special(self, ids: Any) -> np.ndarray:
-        """Boolean mask of ids in the special block."""
+        """Boolean mask of special ids (appended layout: the special block; native: every role id and image
+        marker, except an `<eos>` reused from the text tokenizer, as in the appended layout)."""
+        if self.native:
+            return self._is_kind(ids, _SPECIAL) | self._is_kind(ids, _MARKER)
         ids = np.asarray(ids)
         return (ids >= self.text_vocab_size) & (ids < self.image_offset)
+
+    def is_sentinel(self, ids: Any) -> np.ndarray:
+        """Boolean mask of CM3 `<sentinel:i>` ids."""
+        ids = np.asarray(ids)
+        if self.native:
+            return np.isin(ids, [self.sentinel_id(i) for i in range(self.num_sentinels)])
+        return (ids >= self.eos_span_id + 1) & (ids < self.image_offset)
 
     def image_ids(self, codes: Any, where: str = "image codes") -> np.ndarray:
         """VQ codes -> vocabulary ids (int64); raises if a code is outside the codebook."""
@@ -172,6 +326,8 @@ class VocabLayout:
         if codes.size and (not np.issubdtype(codes.dtype, np.integer)
                            or codes.min() < 0 or codes.max() >= self.codebook_size):
             raise VocabLayoutError(f"{where}: codes must be integers in [0, {self.codebook_size})")
+        if self.native:
+            return self._code_ids[codes.astype(np.int64)]
         return codes.astype(np.int64) + self.image_offset
 
     def image_codes(self, ids: Any) -> np.ndarray:
@@ -179,6 +335,8 @@ class VocabLayout:
         ids = np.asarray(ids, dtype=np.int64)
         if not self.is_image(ids).all():
             raise VocabLayoutError("image_codes: some ids are not image tokens")
+        if self.native:
+            return self._code_of[ids]
         return ids - self.image_offset
 
     def check_ids(self, ids: Any, where: str) -> None:
@@ -191,19 +349,26 @@ class VocabLayout:
     def token_name(self, token_id: int) -> str:
         """Human-readable name of a non-text id ("<break>", "<img:17>", ...)."""
         if self.is_image(token_id):
-            return f"<img:{token_id - self.image_offset}>"
+            return f"<img:{int(self.image_codes(token_id))}>"
         for name, value in self.special_tokens().items():
             if value == token_id:
                 return name
+        for name, value in self.image_markers.items():
+            if value == token_id:
+                return f"<{name}>"
         return f"<id:{token_id}>"
 
     # ------------------------------------------------------------- files
     def to_dict(self) -> Dict[str, Any]:
         """The defining fields plus derived ids (checked on load) for human readers."""
         fields = dataclasses.asdict(self)
+        if not self.native:  # exactly the version-1 file
+            fields = {k: v for k, v in fields.items() if k not in NATIVE_FIELDS}
         fields["derived"] = {"vocab_size": self.vocab_size, "image_offset": self.image_offset,
                              "break_id": self.break_id, "eos_id": self.eos_id, "mask_id": self.mask_id,
                              "eos_span_id": self.eos_span_id, "dtype": self.dtype.name}
+        if self.native:
+            fields["derived"]["appended_specials"] = sorted(self.appended_specials)
         return fields
 
     def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
@@ -260,9 +425,15 @@ class VocabLayout:
             if f.name in ("text_tokenizer", "image_tokenizer") and (not a or not b):
                 continue
             if a != b:
+                if isinstance(a, (dict, tuple)) and len(repr(a)) > 200:
+                    a, b = f"<{len(a)} entries>", f"<{len(b)} entries, different>"
                 diffs.append(f"{f.name}: {a!r} ({mine}) != {b!r} ({theirs})")
         if diffs:
             raise VocabLayoutError("incompatible vocabulary layouts: " + "; ".join(diffs))
+
+
+_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+             for f in dataclasses.fields(VocabLayout)}
 
 
 def layout_path(prefix: str) -> str:

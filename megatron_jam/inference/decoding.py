@@ -25,6 +25,13 @@ Each prompt is one *conditional* row. Its state machine::
   unconditional). After the image the unconditional row forgets its
   `<break>` and image slots (they become invalid), ready for the next image.
 - AFTER_IMAGE samples `<eos>` or `<break>` (back to text).
+- Image formats with structure (`megatron_jam.data.image_format`, Emu3's):
+  `<break>` is the image's opening marker (`<|image start|>`), and IMAGE walks
+  the format's plan for the grid (`self.grid`, the layout's default): the size
+  text, `<|image token|>`, the end-of-line token after every row of w codes,
+  end-of-frame and `<|image end|>` are forced (no sampling, no guidance); only
+  code slots are sampled, from the image ids with guidance. Opening an image
+  needs the whole structure in the budget; after it the row is back in TEXT.
 - A row stops at `<eos>` ("eos") or when its budget, min(max_new_tokens,
   context - prompt length), is spent ("length"). A prompt that ends with
   `<break>` starts in IMAGE mode (text-to-image).
@@ -43,6 +50,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_jam.data.image_format import SAMPLE
 from megatron_jam.data.vocab import VocabLayout
 from megatron_jam.inference.kv_cache import KVCache, SlotTable
 from megatron_jam.inference.sampling import SamplingParams, VocabMasks, cfg_combine, restrict, sample
@@ -72,6 +80,8 @@ class _Row:
     after_break: bool = False
     uncond_position: int = 1
     uncond_break_slot: int = -1
+    plan: list[int] = field(default_factory=list)
+    """The current image's slots after its opening token: a forced id (markers, size, end-of-line) or SAMPLE."""
 
 
 class InterleavedGenerator:
@@ -87,6 +97,9 @@ class InterleavedGenerator:
         if self.context > limit:
             raise ValueError(f"context length {self.context} > the model's position table ({limit} rows)")
         self.masks = VocabMasks(layout, cfg.padded_vocab_size)
+        self.format = layout.format
+        self.grid = self.format.default_grid
+        """Latent grid (h, w) of generated images (the layout's default; Emu3 writes it into the tokens)."""
         self.steps = 0
 
     # ------------------------------------------------------------------ entry
@@ -128,10 +141,13 @@ class InterleavedGenerator:
     def _new_row(self, prompt: list[int], max_new_tokens: int) -> _Row:
         budget = min(max_new_tokens, self.context - len(prompt))
         state = IMAGE if prompt[-1] == self.layout.break_id else TEXT
-        if state == IMAGE and budget < self.layout.tokens_per_image:
-            raise ValueError(f"a prompt ending with <break> starts an image of {self.layout.tokens_per_image} "
+        need = self.format.image_length(self.grid) - 1
+        if state == IMAGE and budget < need:
+            raise ValueError(f"a prompt ending with <break> starts an image of {need} "
                              f"tokens, but only {budget} new tokens fit (max_new_tokens / context)")
-        return _Row(state=state, budget=budget, position=len(prompt), out=Generation(prompt_ids=list(prompt)))
+        plan = self.format.plan(self.grid).tolist() if state == IMAGE else []
+        return _Row(state=state, budget=budget, position=len(prompt), out=Generation(prompt_ids=list(prompt)),
+                    plan=plan)
 
     def _prefill(self, prompts, rows, use_cfg: bool, max_budget: int):
         """Left-padded prompts (and `<sentinel:0>` [`<break>`] unconditional rows); returns (slots, start, n)."""
@@ -167,6 +183,11 @@ class InterleavedGenerator:
         chosen = torch.zeros(b, dtype=torch.long)
         for mode in (TEXT, IMAGE, AFTER_IMAGE):
             idx = [i for i, r in enumerate(rows) if r.state == mode]
+            if mode == IMAGE:  # structural slots (Emu3's size, end-of-line, ...) are forced, not sampled
+                for i in idx:
+                    if rows[i].plan[rows[i].image_count] != SAMPLE:
+                        chosen[i] = rows[i].plan[rows[i].image_count]
+                idx = [i for i in idx if rows[i].plan[rows[i].image_count] == SAMPLE]
             if not idx:
                 continue
             lg = self._mode_logits(mode, rows, idx, logits, params, use_cfg)
@@ -189,8 +210,8 @@ class InterleavedGenerator:
             allowed = torch.stack([m.eos | (m.break_ if rows[i].budget >= 2 else torch.zeros_like(m.eos))
                                    for i in idx])
             return restrict(lg, allowed)
-        tpi = self.layout.tokens_per_image
-        allowed = torch.stack([m.text_mode(allow_break=rows[i].budget >= 1 + tpi and not rows[i].after_break,
+        need = self.format.image_length(self.grid)  # never open an image that cannot be finished
+        allowed = torch.stack([m.text_mode(allow_break=rows[i].budget >= need and not rows[i].after_break,
                                            allow_eos=not rows[i].after_break) for i in idx])
         return restrict(lg, allowed)
 
@@ -200,14 +221,14 @@ class InterleavedGenerator:
         r.budget -= 1
         if r.state == TEXT:
             if tok == lay.break_id:
-                r.state, r.image_count = IMAGE, 0
+                r.state, r.image_count, r.plan = IMAGE, 0, self.format.plan(self.grid).tolist()
             elif tok == lay.eos_id:
                 r.state, r.out.finish_reason = DONE, "eos"
             r.after_break = False
         elif r.state == IMAGE:
             r.image_count += 1
-            if r.image_count == lay.tokens_per_image:
-                r.state = AFTER_IMAGE
+            if r.image_count == len(r.plan):
+                r.state = TEXT if self.format.ends_in_text else AFTER_IMAGE
                 if uncond_row >= 0 and r.uncond_break_slot >= 0:  # forget this image's <break> + tokens
                     slots.invalidate(uncond_row, r.uncond_break_slot, slots.length)
                     r.uncond_break_slot, r.uncond_position = -1, 1

@@ -57,10 +57,10 @@ def check_checkpoint_layout(load: str, cfg, layout: VocabLayout) -> None:
     if os.path.exists(record):
         with open(record) as f:
             text_rows = (json.load(f).get("vocab") or {}).get("text_rows")
-        if text_rows is not None and text_rows != layout.text_vocab_size:
+        if text_rows is not None and text_rows != layout.text_rows:
             raise GenerationSetupError(
                 f"the checkpoint {load} was converted with {text_rows} text rows (conversion.json) but the "
-                f"vocabulary layout has text_vocab_size={layout.text_vocab_size}")
+                f"vocabulary layout has {layout.text_rows} (text_vocab_size={layout.text_vocab_size})")
 
 
 def load_text_tokenizer(path: str, layout: VocabLayout, tokenizer_type: str | None = None):

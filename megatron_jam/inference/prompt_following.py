@@ -137,11 +137,13 @@ def text_to_image(generator, vq, prompts: list[list[int]], params, break_id: int
     """One decoded PIL image per prompt (ids): the prompt + `<break>`, exactly one image sampled."""
     from megatron_jam.inference.render import decode_images
 
-    tpi = generator.layout.tokens_per_image
-    outs = generator.generate([list(p) + [break_id] for p in prompts], params, tpi, on_step=on_step)
-    codes = [[t - generator.layout.image_offset for t in o.ids[:tpi]] for o in outs]
-    if any(len(c) != tpi for c in codes):
+    layout = generator.layout
+    n = layout.format.image_length(generator.grid) - 1  # the image after its opening token (the format's)
+    outs = generator.generate([list(p) + [break_id] for p in prompts], params, n, on_step=on_step)
+    if any(len(o.ids) < n for o in outs):
         raise RuntimeError("an image was cut short: the prompt plus one image does not fit the context")
+    codes = [layout.format.parse([break_id] + o.ids[:n])[0].tolist() if not layout.format.uses_break
+             else layout.image_codes(o.ids[:n]).tolist() for o in outs]
     images = decode_images(vq, codes)
     if images is None:
         raise ValueError("the image tokenizer has no decoder: prompt following is scored on decoded pixels")

@@ -23,7 +23,15 @@ GRID_LABEL = "token grid (not decoded: no VQ decoder given)"
 
 
 def segments(ids: list[int], layout: VocabLayout) -> list[dict]:
-    """Split ids into text runs, image runs and `<break>` / `<eos>` markers, with [start, end) indices."""
+    """Split ids into text runs, image runs and `<break>` / `<eos>` markers, with [start, end) indices.
+
+    Images come from the layout's image format: in `ours` a run of codes (grid: as square as possible);
+    in formats with markers (Emu3) the whole structure, with its grid read from the tokens (the rows
+    between end-of-line tokens). Generation that began inside an image (a prompt ending with
+    `<|image start|>`) has its first image opened by that prompt token.
+    """
+    if layout.format.name != "ours":
+        return _structured_segments(ids, layout)
     out: list[dict] = []
     for i, tok in enumerate(ids):
         kind = ("image" if layout.is_image(tok) else "break" if tok == layout.break_id
@@ -42,6 +50,38 @@ def segments(ids: list[int], layout: VocabLayout) -> list[dict]:
     return out
 
 
+def _structured_segments(ids: list[int], layout: VocabLayout) -> list[dict]:
+    """`segments` for image formats whose images are marker-delimited structures (Emu3)."""
+    from megatron_jam.data.image_format import ImageFormatError
+
+    fmt, arr = layout.format, np.asarray(ids, dtype=np.int64)
+    bounds, _ = fmt.image_spans(arr)
+    out: list[dict] = []
+    pos = 0
+    for a, b in bounds.tolist() + [[len(ids), len(ids)]]:
+        for i in range(pos, a):  # text and <eos> between images
+            tok = int(arr[i])
+            if tok == layout.eos_id:
+                out.append({"type": "eos", "start": i, "end": i + 1})
+            elif out and out[-1]["type"] == "text":
+                out[-1]["end"] = i + 1
+                out[-1]["ids"].append(tok)
+            else:
+                out.append({"type": "text", "start": i, "end": i + 1, "ids": [tok]})
+        if a == b:
+            break
+        body = arr[a:b] if arr[a] == layout.break_id else np.concatenate([[layout.break_id], arr[a:b]])
+        try:
+            codes, grid = fmt.parse(body)
+            seg = {"codes": codes.tolist(), "grid": list(grid), "complete": True}
+        except ImageFormatError:  # cut by the budget
+            codes = layout.image_codes(body[layout.is_image(body)]).tolist()
+            seg = {"codes": codes, "grid": list(grid_shape(max(1, len(codes)))), "complete": False}
+        out.append({"type": "image", "start": a, "end": b} | seg)
+        pos = b
+    return out
+
+
 def grid_shape(n: int) -> tuple[int, int]:
     """(rows, cols) of an image's latent grid: square when n is a square, else as square as possible."""
     rows = int(math.isqrt(n))
@@ -50,11 +90,12 @@ def grid_shape(n: int) -> tuple[int, int]:
     return rows, n // rows
 
 
-def token_grid_image(codes: list[int], codebook_size: int, cell: int | None = None):
-    """A PIL image: one colour per code (hue from the code), a labelled banner on top."""
+def token_grid_image(codes: list[int], codebook_size: int, cell: int | None = None, grid=None):
+    """A PIL image: one colour per code (hue from the code), a labelled banner on top; `grid` (rows, cols)
+    when the tokens say it (Emu3), else as square as possible."""
     from PIL import Image, ImageDraw
 
-    rows, cols = grid_shape(max(1, len(codes)))
+    rows, cols = grid if grid and grid[0] * grid[1] == len(codes) else grid_shape(max(1, len(codes)))
     cell = cell or max(4, 256 // max(rows, cols))
     colours = np.zeros((rows * cols, 3), dtype=np.uint8)
     for k, c in enumerate(codes):
@@ -70,17 +111,31 @@ def token_grid_image(codes: list[int], codebook_size: int, cell: int | None = No
     return canvas
 
 
-def decode_images(vq, codes: list[list[int]]):
-    """Decoded PIL images with the tokenizer's decoder, or None when it has no decoder."""
+def decode_images(vq, codes: list[list[int]], grids: list | None = None):
+    """Decoded PIL images with the tokenizer's decoder, or None when it has no decoder. With `grids`
+    (images whose grid is in the tokens, e.g. Emu3's), each image is decoded alone as [1, h, w] codes."""
     import torch
     from PIL import Image
 
     if vq is None or not hasattr(vq.model, "decode") or not codes:
         return None
+    if grids is not None:
+        return [_decode_grid(vq, c, g) for c, g in zip(codes, grids)]
     with torch.no_grad():
         pixels = vq.model.decode(torch.tensor(codes, dtype=torch.long, device=vq.device))  # [n, 3, r, r]
     arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def _decode_grid(vq, codes: list[int], grid):
+    """One image decoded from its [1, h, w] code grid."""
+    import torch
+    from PIL import Image
+
+    with torch.no_grad():
+        pixels = vq.model.decode(torch.tensor(codes, dtype=torch.long, device=vq.device).reshape(1, *grid))
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return Image.fromarray(arr[0])
 
 
 def _display_size(seg: dict, target: int = 256) -> str:
@@ -110,21 +165,24 @@ class DocumentWriter:
 
     def text(self, ids: list[int]) -> str:
         if self.sp is not None:
-            return self.sp.decode([int(t) for t in ids if t < self.layout.text_vocab_size])
+            return self.sp.decode([int(t) for t in ids if self.layout.is_text(t)])
         return " ".join(f"<{t}>" for t in ids)
 
     def write(self, name: str, prompt: str | None, gen, meta: dict | None = None) -> dict:
         """Write the three files (and images); returns the JSON record."""
         segs = segments(gen.ids, self.layout)
         images = [s for s in segs if s["type"] == "image"]
-        decoded = decode_images(self.vq, [s["codes"] for s in images if s["complete"]])
+        done = [s for s in images if s["complete"]]
+        decoded = decode_images(self.vq, [s["codes"] for s in done], [s["grid"] for s in done]
+                                if self.layout.format.name != "ours" else None)
         decoded = iter(decoded) if decoded is not None else None
         for k, seg in enumerate(images):
             seg["file"] = f"{name}_img{k}.png"
             if decoded is not None and seg["complete"]:
                 im, seg["rendering"] = next(decoded), "decoded"
             else:
-                im, seg["rendering"] = token_grid_image(seg["codes"], self.layout.codebook_size), "token_grid"
+                im = token_grid_image(seg["codes"], self.layout.codebook_size, grid=seg.get("grid"))
+                seg["rendering"] = "token_grid"
             im.save(os.path.join(self.folder, seg["file"]))
             seg["size"] = list(im.size)
         for seg in segs:

@@ -83,9 +83,9 @@ class VocabMasks:
         v = padded_vocab_size
         ids = torch.arange(v)
         self.layout = layout
-        self.text = ids < layout.text_vocab_size
+        self.text = torch.from_numpy(layout.is_text(ids.numpy()))
         self.text[layout.eos_id] = False  # `<eos>` may be a sentencepiece id; it has its own switch
-        self.image = (ids >= layout.image_offset) & (ids < layout.vocab_size)
+        self.image = torch.from_numpy(layout.is_image(ids.numpy()))
         self.break_ = ids == layout.break_id
         self.eos = ids == layout.eos_id
 

@@ -69,7 +69,7 @@ class InstructEncoder:
                     if self.vq is None:
                         raise RejectedDocument("no_image_tokenizer", "image files but no --image-tokenizer")
                     path = value if os.path.isabs(value) else os.path.join(folder, value)
-                    codes = self.vq.encode_files([path])[0]
+                    codes = self.vq.encode_file_grids([path])[0]  # [h, w]: its own grid (Emu3)
                     segments.append((loss, IMAGE, image_codes_to_ids(codes, self.layout, i)))
         return build_instruct_sequences(segments, self.layout)
 

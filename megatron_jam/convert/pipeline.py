@@ -15,9 +15,9 @@ import megatron_jam
 from megatron_jam.convert.checkpoint import CheckpointWriter, ensure_single_rank
 from megatron_jam.convert.common import OUT, ConvertError, parent_parts
 from megatron_jam.convert.cross import cross_config, cross_part, new_part, new_parts
-from megatron_jam.convert.readers import FAMILIES, open_parent
+from megatron_jam.convert.readers import FAMILIES, open_parent, tokenizer_file
 from megatron_jam.convert.uniform import uniform_config, uniform_part
-from megatron_jam.convert.vocab import RULES, VocabPlan, check_tokenizers, plan_vocab
+from megatron_jam.convert.vocab import RULES, ParentTokenizer, VocabPlan, check_tokenizers, plan_vocab
 from megatron_jam.convert.vq import extract_image_tokenizer
 from megatron_jam.convert.width import width_config, width_part
 from megatron_jam.models.config import ConfigError
@@ -90,13 +90,13 @@ def _plan(opts: ConvertOptions, parents: list):
         cfg = JamGPTConfig(parent=a.cfg, vocab_size=a.vocab_size, share_embeddings_and_output_weights=a.tied,
                            seq_length=seq or min(2048, a.cfg.max_position_embeddings))
         record |= {"vocab": {"rule": RULES["import"], "vocab_size": a.vocab_size},
-                   "hf_config": a.hf_config}
+                   "hf_config": a.hf_config, "text_tokenizer": a.tokenizer_identity()}
         return cfg, a.read, record
     a, b = parents
+    layout = _layout(opts.vocab_layout)
+    check_tokenizers(_tokenizer("LLM", a), _tokenizer("image model", b), layout, opts.method)
     if opts.method in ("uniform", "width"):
         _check_same_family(opts.method, a, b)
-    layout = _layout(opts.vocab_layout)
-    check_tokenizers(a.tokenizer_identity(), b.tokenizer_identity(), layout)
     plan = plan_vocab(a.vocab_size, b.vocab_size, layout, opts.text_vocab_size)
     seq = seq or min(2048, a.cfg.max_position_embeddings, b.cfg.max_position_embeddings)
     record |= {"vocab": plan.describe(opts.method)}
@@ -123,6 +123,13 @@ def _check_same_family(method: str, a, b) -> None:
     if a.cfg.family == b.cfg.family and a.hf_family != b.hf_family:
         raise ConvertError(f"--method {method} needs parents of one family: {a.config_file} is "
                            f"{a.hf_family!r}, {b.config_file} is {b.hf_family!r}")
+
+
+def _tokenizer(who: str, parent) -> ParentTokenizer:
+    """The parent's tokenizer for the checks: its file, else the record that holds its identity."""
+    identity = parent.tokenizer_identity()
+    where = tokenizer_file(parent.path) or (parent.config_file if identity else "")
+    return ParentTokenizer(who=who, file=where, identity=identity)
 
 
 def _merge_base(a) -> dict:

@@ -114,10 +114,12 @@ class MegatronParent:
         self.extra = read_hf_extra(path)
         record = os.path.join(path, CONVERSION_FILE)
         self.config_file = record if os.path.exists(record) else os.path.join(path, "model_config.json")
-        self.hf_config = {}
+        self.hf_config, self.recorded_tokenizer = {}, ""
         if os.path.exists(record):
             with open(record) as f:
-                self.hf_config = json.load(f).get("hf_config") or {}
+                data = json.load(f)
+            self.hf_config = data.get("hf_config") or {}
+            self.recorded_tokenizer = data.get("text_tokenizer") or ""
         self.hf_family = self.hf_config.get("model_type", self.cfg.family)
 
     @property
@@ -153,7 +155,9 @@ class MegatronParent:
         return CheckpointRows(self._sharded[key], self._dir, self.vocab_size)
 
     def tokenizer_identity(self) -> str:
-        return tokenizer_identity(self.path)
+        """A tokenizer file's in the folder, else the one its import recorded (conversion.json `text_tokenizer`),
+        so a parent imported first is still checked against the other parent's tokenizer."""
+        return tokenizer_identity(self.path) or self.recorded_tokenizer
 
     def nbytes_on_disk(self) -> int:
         return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(self.path) for f in fs)
@@ -217,15 +221,17 @@ class Rows(RowTable):
                 raise ConvertError(f"{self.path}: tensor {self.name} is truncated")
 
 
+def tokenizer_file(path: str) -> str:
+    """The folder's first tokenizer file (`tokenizer.model`, else `tokenizer.json`), or ''."""
+    return next((os.path.join(path, n) for n in TOKENIZER_FILES if os.path.exists(os.path.join(path, n))), "")
+
+
 def tokenizer_identity(path: str) -> str:
     """The identity `megatron_jam.data.text_tokenizer` gives the folder's first tokenizer file, or ''."""
     from megatron_jam.data.text_tokenizer import file_identity
 
-    for name in TOKENIZER_FILES:
-        f = os.path.join(path, name)
-        if os.path.exists(f):
-            return file_identity([f], "sentencepiece" if name.endswith(".model") else "huggingface")
-    return ""
+    f = tokenizer_file(path)
+    return file_identity([f], "sentencepiece" if f.endswith(".model") else "huggingface") if f else ""
 
 
 def _index_safetensors(path: str) -> dict[str, str]:

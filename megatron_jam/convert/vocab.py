@@ -13,6 +13,12 @@ has only the T text rows. So, per method:
   the image model (paper section 2.1.3).
 - import:  the parent's rows, unchanged.
 
+Parents with different text tokenizers (Llama-3 + Emu3-Gen) have no common
+text rows: uniform and width are refused (`check_tokenizers`), and cross needs a
+mixed layout (`megatron_jam.data.mixed_vocab`): rows [0, T) are the LLM's, each
+row of the image part is the image parent row `image_parent_rows` names, and
+appended special rows start at zero (`VocabPlan.img_ranges`).
+
 The same rules apply to untied output embeddings. T and V come from
 `--vocab-layout` (the dataset's PREFIX.vocab.json); without it, from
 `--text-vocab-size`; without either, T is the LLM's row count and V the image
@@ -33,6 +39,8 @@ RULES = {
     "cross": "shared embedding: rows [0, T) from the LLM input embedding, rows [T, V) from the image model",
     "import": "the parent's rows unchanged",
 }
+MIXED_RULE = ("shared embedding, mixed tokenizers: rows [0, T) from the LLM, the image part re-indexed from the "
+              "image model (img_ranges: id, image-model row, count), appended special rows zero")
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,13 @@ class VocabPlan:
     source: str
     padded_rows: int = 0
     """Rows of the model's padded vocabulary (fused tables are made this tall, zero-filled); 0: V."""
+    img_ranges: tuple = ()
+    """Mixed tokenizers (JAM-Cross only): (id, image-model row, count) ranges of the rows after T; rows
+    [0, T) are the LLM's, rows no range covers are zero."""
 
     def describe(self, method: str) -> dict:
-        return asdict(self) | {"rule": RULES[method], "llm_rows_dropped": max(0, self.llm_rows - self.text_rows)}
+        rule = MIXED_RULE if self.img_ranges else RULES[method]
+        return asdict(self) | {"rule": rule, "llm_rows_dropped": max(0, self.llm_rows - self.text_rows)}
 
     def fuse(self, llm: Tensor, img: Tensor, both: Callable[[Tensor, Tensor], Tensor],
              img_only: Callable[[Tensor], Tensor], rows: int | None = None) -> Tensor:
@@ -58,6 +70,8 @@ class VocabPlan:
         are tensors or `readers.Rows` (tables still on disk, read a slice at a time)."""
         t, v = self.text_rows, self.vocab_size
         step = max(1, ROW_SLICE_ELEMENTS // max(1, llm[0].numel()))
+        if self.img_ranges:
+            return self._fuse_mixed(llm, img, img_only, rows, step)
         first = both(llm[: min(step, t)], img[: min(step, t)])
         out = first.new_zeros(max(rows or self.padded_rows, v), *first.shape[1:])
         out[: first.shape[0]] = first
@@ -67,12 +81,27 @@ class VocabPlan:
             out[i: min(i + step, v)] = img_only(img[i: min(i + step, v)])
         return out
 
+    def _fuse_mixed(self, llm, img, img_only, rows, step: int) -> Tensor:
+        """Rows [0, T) the LLM's (JAM-Cross's rule: uniform and width never get a mixed plan), each image
+        range from the image model's rows it names, the rest (appended specials, padding) zero."""
+        first = llm[:1]
+        out = first.new_zeros(max(rows or self.padded_rows, self.vocab_size), *first.shape[1:])
+        for i in range(0, self.text_rows, step):
+            out[i: min(i + step, self.text_rows)] = llm[i: min(i + step, self.text_rows)]
+        for start, src, n in self.img_ranges:
+            for i in range(0, n, step):
+                j = min(i + step, n)
+                out[start + i: start + j] = img_only(img[src + i: src + j])
+        return out
+
 
 ROW_SLICE_ELEMENTS = 1 << 22
 
 
 def plan_vocab(llm_rows: int, img_rows: int, layout=None, text_vocab_size: int | None = None) -> VocabPlan:
     """The row plan for two parents; ConvertError when their vocabularies cannot be fused."""
+    if layout is not None and layout.mixed:
+        return _mixed_plan(llm_rows, img_rows, layout)
     if layout is not None:
         t, v, source = layout.text_rows, layout.vocab_size, "--vocab-layout"  # native: rows before the codes
     elif text_vocab_size is not None:
@@ -93,9 +122,62 @@ def plan_vocab(llm_rows: int, img_rows: int, layout=None, text_vocab_size: int |
     return VocabPlan(vocab_size=v, text_rows=t, llm_rows=llm_rows, img_rows=img_rows, source=source)
 
 
-def check_tokenizers(llm_id: str, img_id: str, layout=None) -> None:
-    """Both parents (and the layout, if given) must use the same text tokenizer, where each says which."""
-    named = [("LLM folder", llm_id), ("image-model folder", img_id)]
+def _mixed_plan(llm_rows: int, img_rows: int, layout) -> VocabPlan:
+    """Rows of a mixed layout: [0, T) from the LLM, the image part from the image model rows it names."""
+    t, top = layout.text_vocab_size, max(src + n for _, src, n in layout.image_parent_rows)
+    if llm_rows < t:
+        raise ConvertError(f"the LLM has {llm_rows} embedding rows, but the mixed --vocab-layout's text part (its "
+                           f"tokenizer) has {t} ids")
+    if img_rows < top:
+        raise ConvertError(f"the image model has {img_rows} embedding rows, but the mixed --vocab-layout takes its "
+                           f"row {top - 1} (image_parent_rows)")
+    return VocabPlan(vocab_size=layout.vocab_size, text_rows=t, llm_rows=llm_rows, img_rows=img_rows,
+                     source="--vocab-layout (mixed)", img_ranges=layout.image_parent_rows)
+
+
+@dataclass(frozen=True)
+class ParentTokenizer:
+    """A parent's text tokenizer as the converter sees it: who (for messages), its file and its identity."""
+
+    who: str
+    file: str
+    identity: str
+
+    def __str__(self) -> str:
+        return f"{self.who} {self.file or '(no tokenizer file)'} ({self.identity or 'identity unknown'})"
+
+
+def tokenizers_differ(a: ParentTokenizer, b: ParentTokenizer) -> bool:
+    """Whether two parents' tokenizers are known to differ: identities of one kind that differ, or (a
+    sentencepiece model against a tokenizer.json, which cannot be hashed alike) different vocabulary sizes."""
+    if not (a.identity and b.identity) or a.identity == b.identity:
+        return False
+    if a.identity.split(":", 1)[0] == b.identity.split(":", 1)[0]:
+        return True
+    from megatron_jam.data.text_tokenizer import TextTokenizerError, load_text_tokenizer
+
+    try:
+        return load_text_tokenizer(a.file).vocab_size != load_text_tokenizer(b.file).vocab_size
+    except (TextTokenizerError, OSError, RuntimeError):
+        return False
+
+
+def check_tokenizers(llm: ParentTokenizer, img: ParentTokenizer, layout=None, method: str = "cross") -> None:
+    """Refuse what different tokenizers make meaningless: uniform and width always (eqs. 1 and 2 combine
+    rows id by id), cross without a mixed layout; and a layout whose recorded tokenizers are not the parents'."""
+    if layout is not None and layout.mixed:
+        _check_mixed_layout(llm, img, layout, method)
+        return
+    if tokenizers_differ(llm, img):
+        if method in ("uniform", "width"):
+            how = "averages (eq. 1)" if method == "uniform" else "stacks (eq. 2)"
+            raise ConvertError(f"--method {method} cannot fuse parents whose text tokenizers differ: {llm}, {img}; "
+                               f"it {how} embedding rows id by id and row i means a different token in each; use "
+                               f"--method cross with a mixed --vocab-layout (docs/real_parents.md)")
+        raise ConvertError(f"the parents' text tokenizers differ ({llm}, {img}): --method cross needs a mixed "
+                           f"--vocab-layout saying which rows come from which parent (tools/preprocess_interleaved.py "
+                           f"--vocab-layout-kind mixed --image-parent-tokenizer IMG; docs/real_parents.md)")
+    named = [(str(llm), llm.identity), (str(img), img.identity)]
     if layout is not None:
         named.append(("--vocab-layout text_tokenizer", layout.text_tokenizer))
     known = [(who, ident) for who, ident in named if ident]
@@ -103,5 +185,16 @@ def check_tokenizers(llm_id: str, img_id: str, layout=None) -> None:
     for kind in {ident.split(":", 1)[0] for _, ident in known}:
         same_kind = [(who, ident) for who, ident in known if ident.startswith(kind + ":")]
         if len({ident for _, ident in same_kind}) > 1:
-            detail = ", ".join(f"{who}: {ident}" for who, ident in same_kind)
+            detail = ", ".join(who if who.endswith(")") else f"{who}: {ident}" for who, ident in same_kind)
             raise ConvertError(f"the parents' text tokenizers differ ({detail})")
+
+
+def _check_mixed_layout(llm: ParentTokenizer, img: ParentTokenizer, layout, method: str) -> None:
+    """A mixed layout is JAM-Cross's, built from these two parents' tokenizers (where both sides record one)."""
+    if method != "cross":
+        raise ConvertError(f"--method {method} cannot use a mixed --vocab-layout (text ids of one tokenizer, image "
+                           f"rows of another): only --method cross keeps both parents' rows apart")
+    for parent, recorded, field in ((llm, layout.text_tokenizer, "text_tokenizer"),
+                                    (img, layout.image_parent_tokenizer, "image_parent_tokenizer")):
+        if parent.identity and recorded and parent.identity != recorded:
+            raise ConvertError(f"the mixed --vocab-layout was built with {field} {recorded}, but {parent}")

@@ -11,6 +11,7 @@ image parent's tokenizer; a megatron-jam parent passes on the folder it has.
 
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ logger = get_logger(__name__)
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 WEIGHTS_FILE = "model.safetensors"
 COPY_BYTES = 1 << 26
+PROCESSOR_FILE = "preprocessor_config.json"
+"""The parent's image-processor settings (Emu3: min/max pixels, mean/std), copied along when present."""
 VQ_FAMILIES = {"emu3": "vqmodel.*"}
 """HF families whose checkpoints can hold the VQ model, and under which keys."""
 
@@ -79,11 +82,15 @@ def _copy_range(src: str, start: int, size: int, dst) -> None:
 
 
 def write_image_tokenizer(src: ImageTokenizerSource, folder: str) -> None:
-    """`folder`/config.json + `folder`/model.safetensors."""
+    """`folder`/config.json + `folder`/model.safetensors (+ the source's preprocessor_config.json: how
+    `VQImageTokenizer` sizes and normalises images for this VQ)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(src.config, f, indent=2, sort_keys=True)
     copy_tensors(src.tensors, os.path.join(folder, WEIGHTS_FILE))
+    processor = os.path.join(src.where, PROCESSOR_FILE)
+    if os.path.isfile(processor):
+        shutil.copyfile(processor, os.path.join(folder, PROCESSOR_FILE))
 
 
 def read_image_tokenizer(folder: str) -> ImageTokenizerSource | None:

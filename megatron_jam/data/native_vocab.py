@@ -106,6 +106,10 @@ def validate_native(layout: VocabLayout) -> None:
         fail(f"image_grid {list(layout.image_grid)} must be (h, w) with h * w = tokens_per_image "
              f"{layout.tokens_per_image}")
     FORMATS[layout.image_format].validate(layout)
+    if layout.image_parent_rows:
+        from megatron_jam.data.mixed_vocab import validate_mixed
+
+        validate_mixed(layout)
 
 
 def kind_table(layout: VocabLayout) -> np.ndarray:

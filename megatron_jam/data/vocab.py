@@ -55,7 +55,9 @@ contiguous scheme then; the layout records every role explicitly:
   constant: Emu3 images carry their own grid size).
 
 ``megatron_jam.data.native_vocab.emu3_layout`` builds one from an Emu3
-tokenizer folder. Version-1 (appended) files load and write exactly as before.
+tokenizer folder; ``megatron_jam.data.mixed_vocab.mixed_layout`` one whose text ids
+are another (LLM) tokenizer's, the image parent's image part re-indexed after them
+(``image_parent_rows``; JAM-Cross only). Version-1 (appended) files load and write exactly as before.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ NATIVE_LAYOUT_VERSION = 2
 APPENDED, NATIVE = "appended", "native"
 """Layout kinds: our contiguous scheme after the text ids (version 1), or the parent's own ids (version 2)."""
 NATIVE_FIELDS = ("kind", "image_format", "parent_vocab_size", "text_ranges", "image_code_offset",
-                 "image_code_ids", "image_grid", "special_ids", "image_markers", "size_digit_ids")
+                 "image_code_ids", "image_grid", "special_ids", "image_markers", "size_digit_ids",
+                 "image_parent_rows", "image_parent_tokenizer")
 """Fields only native layouts write (an appended layout's JSON is exactly the version-1 file)."""
 # kinds of ids in a native layout's lookup table
 _OTHER, _TEXT, _SPECIAL, _IMAGE, _MARKER = 0, 1, 2, 3, 4
@@ -128,6 +131,11 @@ class VocabLayout:
     """Native: structural tokens of the image format by role (e.g. `end_of_line` -> id)."""
     size_digit_ids: Dict[str, int] = dataclasses.field(default_factory=dict)
     """Native: ids of "0".."9" and "*", how an image's grid size is written as text (Emu3's `90*90`)."""
+    image_parent_rows: Tuple[Tuple[int, int, int], ...] = ()
+    """Mixed (a native layout over two tokenizers, `megatron_jam.data.mixed_vocab`): (id, image-parent id,
+    count) ranges tiling [text_vocab_size, parent_vocab_size), the image part re-indexed after the LLM's ids."""
+    image_parent_tokenizer: str = ""
+    """Mixed: identity of the image parent's tokenizer.json ("huggingface:sha256:..."), "" if unknown."""
 
     def __hash__(self) -> int:  # dict fields: hash the canonical JSON instead
         return hash(self.to_json())
@@ -160,6 +168,7 @@ class VocabLayout:
         put("text_ranges", tuple((int(a), int(b)) for a, b in self.text_ranges))
         put("image_code_ids", tuple(int(i) for i in self.image_code_ids))
         put("image_grid", tuple(int(i) for i in self.image_grid))
+        put("image_parent_rows", tuple(tuple(int(x) for x in r) for r in self.image_parent_rows))
         for name in ("special_ids", "image_markers", "size_digit_ids"):
             put(name, {str(k): int(v) for k, v in dict(getattr(self, name)).items()})
         from megatron_jam.data.native_vocab import validate_native
@@ -170,6 +179,11 @@ class VocabLayout:
     def native(self) -> bool:
         """Whether ids are the parent's own (version 2) rather than our contiguous scheme."""
         return self.kind == NATIVE
+
+    @property
+    def mixed(self) -> bool:
+        """Whether text ids are one parent's tokenizer and the image part another's (JAM-Cross only)."""
+        return bool(self.image_parent_rows)
 
     # ------------------------------------------------------------------ ids
     @property
@@ -226,7 +240,10 @@ class VocabLayout:
 
     @property
     def text_rows(self) -> int:
-        """Rows before the image codes: what JAM-Cross takes from both parents (all text-side rows)."""
+        """Rows before the image codes: what JAM-Cross takes from both parents (all text-side rows); in a
+        mixed layout the LLM's rows (everything after them is the image parent's, `image_parent_rows`)."""
+        if self.mixed:
+            return self.text_vocab_size
         if self.native:
             return self.image_offset if self.image_code_offset >= 0 else min(self.image_code_ids)
         return self.text_vocab_size
@@ -422,7 +439,7 @@ class VocabLayout:
         diffs = []
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if f.name in ("text_tokenizer", "image_tokenizer") and (not a or not b):
+            if f.name in ("text_tokenizer", "image_tokenizer", "image_parent_tokenizer") and (not a or not b):
                 continue
             if a != b:
                 if isinstance(a, (dict, tuple)) and len(repr(a)) > 200:

@@ -285,8 +285,9 @@ def unconditional_id(layout: VocabLayout) -> int:
 
 
 def check_layout_matches_model(layout: VocabLayout, cfg) -> None:
-    """The vocabulary layout must describe the model's embedding rows exactly."""
-    if layout.vocab_size != cfg.vocab_size:
+    """Every id of the layout must have an embedding row (a model trained from a config may have more rows,
+    which the vocabulary masks never allow)."""
+    if layout.vocab_size > cfg.vocab_size:
         raise ValueError(f"vocabulary layout has {layout.vocab_size} ids (text {layout.text_vocab_size}, image "
                          f"codes {layout.codebook_size}, ...) but the checkpoint's model has vocab_size="
                          f"{cfg.vocab_size}: this layout is not the one the model was built with")

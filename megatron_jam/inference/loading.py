@@ -48,16 +48,24 @@ def resolve_layout(load: str, path: str | None) -> VocabLayout:
 
 
 def check_checkpoint_layout(load: str, cfg, layout: VocabLayout) -> None:
-    """The checkpoint's vocabulary (model_config.json, conversion.json) against the layout."""
-    if layout.vocab_size != cfg.vocab_size:
+    """The checkpoint's vocabulary (model_config.json, conversion.json) against the layout.
+
+    A converted checkpoint has exactly the layout's rows. A model trained from a model config
+    (`--model-config`, no conversion.json) may have more rows than the data uses (the trainer accepts
+    vocab_size >= the layout's, as Megatron pads); the rows past the layout are never sampled."""
+    record = os.path.join(load, "conversion.json")
+    converted = os.path.exists(record)
+    if layout.vocab_size > cfg.vocab_size or (converted and layout.vocab_size != cfg.vocab_size):
         raise GenerationSetupError(
             f"the vocabulary layout has {layout.vocab_size} ids but the checkpoint {load} has vocab_size="
             f"{cfg.vocab_size}: the layout differs from the one the model was converted/trained with")
-    record = os.path.join(load, "conversion.json")
-    if os.path.exists(record):
+    if converted:
         with open(record) as f:
             text_rows = (json.load(f).get("vocab") or {}).get("text_rows")
-        if text_rows is not None and text_rows != layout.text_rows:
+        # a native layout's parent rows may all be "text rows" of a merge (Emu3 uniform / width: both parents
+        # hold every row, codes included), or only those before the codes (cross with --text-vocab-size)
+        allowed = {layout.text_rows} | ({layout.parent_vocab_size} if layout.native else set())
+        if text_rows is not None and text_rows not in allowed:
             raise GenerationSetupError(
                 f"the checkpoint {load} was converted with {text_rows} text rows (conversion.json) but the "
                 f"vocabulary layout has {layout.text_rows} (text_vocab_size={layout.text_vocab_size})")
@@ -78,15 +86,18 @@ def load_text_tokenizer(path: str, layout: VocabLayout, tokenizer_type: str | No
 
 
 def load_image_tokenizer(path: str, layout: VocabLayout):
-    """The VQ tokenizer, checked against the layout's codebook, tokens per image and identity."""
+    """The VQ tokenizer, checked against the layout's codebook, tokens per image (not for an Emu3 VQ with a
+    format whose grid is in the tokens: each image is decoded on its own grid) and identity."""
     from megatron_jam.data.image_tokenizer import VQImageTokenizer
 
     try:
         vq = VQImageTokenizer(path)
     except (OSError, ValueError) as e:
         raise GenerationSetupError(str(e)) from e
-    for what, mine, theirs in (("codebook size", vq.codebook_size, layout.codebook_size),
-                               ("tokens per image", vq.tokens_per_image, layout.tokens_per_image)):
+    checks = [("codebook size", vq.codebook_size, layout.codebook_size)]
+    if layout.format.name == "ours" or getattr(vq, "kind", "") != "emu3_vqgan":  # Emu3's VQ decodes any grid
+        checks.append(("tokens per image", vq.tokens_per_image, layout.tokens_per_image))
+    for what, mine, theirs in checks:
         if mine != theirs:
             raise GenerationSetupError(f"--image-tokenizer {path}: {what} {mine} but the model's vocabulary "
                                        f"layout has {theirs}")

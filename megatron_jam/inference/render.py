@@ -2,7 +2,8 @@
 
 Why a module of its own: the generator knows ids, a reader wants a page. An
 image segment is drawn with the VQ tokenizer's decoder when it has one
-(transformers' `JanusVQVAE.decode`; `ChameleonVQVAE` ships only the encoder),
+(transformers' `JanusVQVAE.decode`, `Emu3VQVAE.decode` on the image's own grid;
+`ChameleonVQVAE` ships only the encoder),
 otherwise as a *token-grid visualisation*: one coloured cell per code, laid
 out on the latent grid, with a banner saying it is not a decoded image. The
 JSON file keeps the raw ids and the segment boundaries, so any image can be
@@ -113,29 +114,14 @@ def token_grid_image(codes: list[int], codebook_size: int, cell: int | None = No
 
 def decode_images(vq, codes: list[list[int]], grids: list | None = None):
     """Decoded PIL images with the tokenizer's decoder, or None when it has no decoder. With `grids`
-    (images whose grid is in the tokens, e.g. Emu3's), each image is decoded alone as [1, h, w] codes."""
-    import torch
-    from PIL import Image
-
-    if vq is None or not hasattr(vq.model, "decode") or not codes:
+    (images whose grid is in the tokens, e.g. Emu3's), each image is decoded on its own grid; without,
+    on the tokenizer's grid. Each image goes through `VQImageTokenizer.decode_grid`, which knows the
+    model's code layout (Emu3: [1, h, w]; Janus: [1, h * w])."""
+    if vq is None or not getattr(vq, "has_decoder", hasattr(vq.model, "decode")) or not codes:
         return None
-    if grids is not None:
-        return [_decode_grid(vq, c, g) for c, g in zip(codes, grids)]
-    with torch.no_grad():
-        pixels = vq.model.decode(torch.tensor(codes, dtype=torch.long, device=vq.device))  # [n, 3, r, r]
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-def _decode_grid(vq, codes: list[int], grid):
-    """One image decoded from its [1, h, w] code grid."""
-    import torch
-    from PIL import Image
-
-    with torch.no_grad():
-        pixels = vq.model.decode(torch.tensor(codes, dtype=torch.long, device=vq.device).reshape(1, *grid))
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return Image.fromarray(arr[0])
+    if grids is None:
+        grids = [getattr(vq, "grid", None) or grid_shape(len(c)) for c in codes]
+    return [vq.decode_grid(c, g) for c, g in zip(codes, grids)]
 
 
 def _display_size(seg: dict, target: int = 256) -> str:

@@ -194,3 +194,80 @@ def test_unconditional_context_of_guidance_is_trained(shards, tmp_path, single_r
         bigrams += int(((tokens[:-1] == uncond[0]) & (tokens[1:] == uncond[1])).sum())
     assert set(uncond) <= seen and L.mask_id not in seen
     assert bigrams >= 20, bigrams
+
+
+# ---------------------------------------------------------------- splits without documents
+class _Deadline:
+    """Fail (instead of hanging the suite) if the block runs longer than `seconds`: Megatron's
+    index builder used to loop forever over a split of 0 documents."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def expired(signum, frame):
+            raise TimeoutError(f"still building after {self.seconds} s (a split of 0 documents hangs?)")
+        self.previous = signal.signal(signal.SIGALRM, expired)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+@pytest.fixture(scope="module")
+def tiny40(tmp_path_factory):
+    """40 documents: Megatron's default --split 969,30,1 cuts them 39 / 1 / 0."""
+    return write_dataset(tmp_path_factory.mktemp("tiny") / "text", text_only_corpus(np.random.default_rng(1), 40))
+
+
+def test_a_split_without_documents_is_a_clear_error_not_a_hang(tiny40, tmp_path, single_rank):
+    from megatron_jam.models.config import ConfigError
+
+    def build40(split, sizes, blend=(tiny40,)):
+        return build_train_valid_test_datasets(list(blend), split, SEQ, 1, sizes, None,
+                                               data_cache_path=str(tmp_path / "c"))
+
+    with _Deadline(30):
+        with pytest.raises(ConfigError, match=r"text: split 969,30,1 gives 0 test documents out of 40 "
+                                              r"\(train 39, validation 1, test 0\) but 4 test samples"):
+            build40("969,30,1", (4, 4, 4))
+        with pytest.raises(ConfigError, match="split 990,10,0 gives 0 validation documents out of 40"):
+            build40("990,10,0", (4, 4, 0))
+        with pytest.raises(ConfigError, match="gives 0 validation documents out of 40"):  # each prefix of a blend
+            build40("990,10,0", (4, 4, 0), blend=("0.5", tiny40, "0.5", tiny40))
+        train, valid, test = build40("969,30,1", (4, 4, 0))  # 0 samples wanted: an empty set, no index
+        assert len(train) >= 4 and len(valid) == 4 and len(test) == 0
+        assert not any("test" in f for f in os.listdir(tmp_path / "c"))
+        train, _, test = build40("969,30,1", (4, None, None))  # one epoch of no documents: empty
+        assert len(test) == 0
+
+
+def test_the_trainer_builds_only_the_splits_it_reads(tiny40, tmp_path, single_rank):
+    """The reported hang: `megatron_jam.pretrain --data-path <40 documents>` with the default --split
+    never got past the model; the unused test split (0 documents) wanted eval-iters x batch samples."""
+    from types import SimpleNamespace
+
+    from megatron_jam.models.config import ConfigError
+    from megatron_jam.training.arguments import build_parser
+    from megatron_jam.training.data import build_data_sources
+
+    def sources(*flags):
+        args = build_parser().parse_args(["--data-path", tiny40, "--no-cm3", "--train-iters", "2", "--seq-length",
+                                          str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "2",
+                                          "--data-cache-path", str(tmp_path / "c"), *flags])
+        return build_data_sources(args, SimpleNamespace(vocab_size=L.vocab_size))
+
+    with _Deadline(30):
+        train, valid_sets = sources()  # default split, no --eval-interval
+        assert len(train.dataset) >= 4 and valid_sets == {}
+        train, valid_sets = sources("--eval-interval", "1")
+        assert set(valid_sets) == {"valid"} and len(valid_sets["valid"].dataset) == 3 * 2 * 2
+        train, valid_sets = sources("--split", "990,10,0")  # no evaluation: the empty valid split is fine
+        assert valid_sets == {}
+        with pytest.raises(ConfigError, match="split 990,10,0 gives 0 validation documents out of 40"):
+            sources("--split", "990,10,0", "--eval-interval", "1")

@@ -55,6 +55,7 @@ from megatron_jam.data.cm3 import CM3Config, cm3_transform
 from megatron_jam.data.instruct import load_sequence_loss
 from megatron_jam.data.retrieval import RetrievalConfig, load_neighbors
 from megatron_jam.data.vocab import VocabLayout, load_layout
+from megatron_jam.models.config import ConfigError
 from megatron_jam.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)
@@ -168,7 +169,18 @@ class JamDataset(GPTDataset):
         self.masks_and_position_ids_are_cacheable = False
         self.masks_and_position_ids_are_cached = False
         self.cached_attention_mask = self.cached_loss_mask = self.cached_position_ids = None
-        self.document_index, self.sample_index, self.shuffle_index = self._build_document_sample_shuffle_indices()
+        if num_samples == 0 or (indices is not None and not np.sum(documents.sequence_lengths[indices])):
+            # Megatron's index builder would loop forever asking epochs of 0 tokens for the samples.
+            if num_samples:
+                raise ConfigError(empty_split_message(dataset_path, config, documents.num_documents, index_split,
+                                                      num_samples))
+            # No samples wanted (0), or one epoch (None) of no documents: an empty dataset, no index built.
+            self.document_index = np.zeros(0, dtype=np.int32)
+            self.sample_index = np.zeros((1, 2), dtype=np.int32)
+            self.shuffle_index = np.zeros(0, dtype=np.uint32)
+        else:
+            self.document_index, self.sample_index, self.shuffle_index = \
+                self._build_document_sample_shuffle_indices()
         name = os.path.basename(dataset_path or "")
         self._salt = zlib.crc32(f"{name}|{index_split.name}".encode())
 
@@ -231,6 +243,26 @@ class JamDataset(GPTDataset):
         return sample
 
 
+def split_document_counts(split_matrix, num_documents: int) -> List[int]:
+    """Documents of each split (train, valid, test), as Megatron's builder cuts them."""
+    return [0 if bounds is None else int(round(bounds[1] * float(num_documents))) -
+            int(round(bounds[0] * float(num_documents))) for bounds in split_matrix]
+
+
+def empty_split_message(prefix: Optional[str], config: JamDatasetConfig, num_documents: int, index_split: Split,
+                        num_samples: int) -> str:
+    """The one-line error for a split with no documents (or no tokens) from which samples are wanted."""
+    counts = split_document_counts(config.split_matrix, num_documents)
+    names = ("validation" if s == Split.valid else s.name for s in Split)
+    have = ", ".join(f"{n} {c}" for n, c in zip(names, counts))
+    name = "validation" if index_split == Split.valid else index_split.name
+    count = counts[index_split.value]
+    what = f"0 {name} documents" if count == 0 else f"{count} {name} documents of 0 tokens"
+    return (f"{prefix}: split {config.split} gives {what} out of {num_documents} ({have}) but "
+            f"{num_samples} {name} samples are wanted; use a larger corpus or a split that leaves the "
+            f"{name} set at least one document (e.g. --split 90,10,0)")
+
+
 def make_sample(raw: np.ndarray, weights: np.ndarray, seq_length: int, layout: VocabLayout,
                 cm3: Optional[CM3Config], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
     """Raw tokens + per-token loss weights -> the sample dict (CM3, padding, shift by one)."""
@@ -282,7 +314,9 @@ def build_train_valid_test_datasets(
         split: Megatron's `--split`, e.g. ``"98,1,1"`` (fractions of each prefix's documents).
         seq_length: tokens per sample (each sample reads seq_length + 1 tokens).
         seed: Megatron's `--seed` (shuffles and the per-sample CM3 / retrieval draws).
-        num_samples: samples wanted per split (train_iters x global batch, ...); None = one epoch.
+        num_samples: samples wanted per split (train_iters x global batch, ...); None = one epoch;
+            0 = none (an empty dataset, no index built). A split with no documents from which
+            samples are wanted raises `ConfigError` naming the prefix, the split and the counts.
         cm3: the CM3 objective, or None for plain causal LM.
         retrieval: prepend retrieved documents (prefixes with `PREFIX.neighbors.npy`).
         data_cache_path: Megatron's `--data-cache-path` for the index cache; default

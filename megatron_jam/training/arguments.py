@@ -138,6 +138,9 @@ def validate_args(args: argparse.Namespace):
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts it, without a message
+        raise ConfigError(f"--lr-warmup-iters={args.lr_warmup_iters} must be smaller than --lr-decay-iters="
+                          f"{args.lr_decay_iters} (default: --train-iters)")
     if args.save:
         args.exit_signal_handler = True
     if args.bf16 and not torch.cuda.is_available():

@@ -86,7 +86,9 @@ def _named_valid_sets(args, cfg, n_valid: int) -> dict:
 def build_data_sources(args, cfg) -> tuple[object, dict]:
     """(train source, {validation set name: source}); mock data when no --data-path is given."""
     n_train = args.train_iters * args.global_batch_size
-    n_valid = args.eval_iters * args.global_batch_size * (args.train_iters // (args.eval_interval or 10**9) + 1)
+    evaluates = bool(args.eval_interval and args.eval_iters)
+    n_valid = (args.eval_iters * args.global_batch_size * (args.train_iters // args.eval_interval + 1)
+               if evaluates else 0)
     if not args.data_path:
         log_rank0(logger, "data: --mock-data (synthetic interleaved documents)")
         valid = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed + 1)
@@ -97,10 +99,15 @@ def build_data_sources(args, cfg) -> tuple[object, dict]:
 
     for prefix in get_blend_from_list(list(args.data_path))[0]:
         _check_vocab(cfg, prefix)
+    # Samples only from the splits the run reads: no test set, no validation set without --eval-interval
+    # (0 = an empty set, so a tiny corpus whose split rounds them to 0 documents still trains).
     train, valid, _ = build_train_valid_test_datasets(
-        args.data_path, args.split, args.seq_length, args.seed,
-        (n_train, n_valid, args.eval_iters * args.global_batch_size), _cm3(args),
+        args.data_path, args.split, args.seq_length, args.seed, (n_train, n_valid, 0), _cm3(args),
         retrieval=_retrieval(args), data_cache_path=args.data_cache_path, is_built_on_rank=_every_rank)
+    if not evaluates:
+        if args.valid_data_path:
+            log_rank0(logger, "no --eval-interval (or --eval-iters 0): the validation sets are not built")
+        return DatasetSource(train, "train"), {}
     sets = {} if valid is None else {"valid": DatasetSource(valid, "valid")}
     sets.update(_named_valid_sets(args, cfg, n_valid))
     return DatasetSource(train, "train"), sets

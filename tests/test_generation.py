@@ -179,8 +179,9 @@ def test_bad_prompts_are_refused_before_generation():
         gen.generate([[V + 3]], SamplingParams.greedy(), 5)
     with pytest.raises(ValueError, match="starts an image"):
         gen.generate([[1, BRK]], SamplingParams.greedy(), TPI - 1)
-    with pytest.raises(ValueError, match="vocab_size=70"):
-        InterleavedGenerator(None, _Cfg(vocab_size=70), LAYOUT, stepper=ScriptedStepper(None))
+    with pytest.raises(ValueError, match=f"vocab_size={V - 1}"):  # a layout id without an embedding row
+        InterleavedGenerator(None, _Cfg(vocab_size=V - 1), LAYOUT, stepper=ScriptedStepper(None))
+    InterleavedGenerator(None, _Cfg(vocab_size=V + 10), LAYOUT, stepper=ScriptedStepper(None))  # spare rows: fine
 
 
 # ------------------------------------------------------------------ real models

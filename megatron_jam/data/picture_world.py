@@ -10,8 +10,8 @@ world is closed, a generated picture can be graded exactly:
 :func:`read_attributes` recovers colour and shape from pixels, so prompt
 following ("a picture of a red circle .") becomes a number (:func:`score`).
 
-How it differs from :mod:`megatron_jam.training.tiny_corpus`: images are
-pixels, not fixed code lists, so a VQ tokenizer is trained and used for real;
+How it differs from the made-up code lists the demo used before: images are
+pixels, so a VQ tokenizer is trained and used for real;
 the interleaved documents hold several images with text between them
 (how-to texts whose steps show pictures); and an evaluation prompt set is
 written. The module knows nothing of the project's vocabulary: it writes

@@ -187,3 +187,17 @@ def test_evaluate_generation_scores_every_image_at_every_scale(single_rank, setu
     argv[argv.index("--prompts-file") + 1] = str(tmp_path / "bad.jsonl")
     assert _eval_tool().main(argv) == 2
     assert "needs 'colour' and 'shape'" in capsys.readouterr().err
+
+
+def test_prompt_files_name_the_bad_line(tmp_path):
+    from megatron_jam.inference.prompt_following import read_prompt_set
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "ka"}\n\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"p.jsonl:3: invalid JSON"):
+        read_prompt_set(str(tmp_path / "p.jsonl"))
+    (tmp_path / "q.jsonl").write_text('{"prompt": "ka"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"q.jsonl:2: expected"):
+        read_prompt_set(str(tmp_path / "q.jsonl"))
+    (tmp_path / "r.jsonl").write_text('{"name": "x"}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:1: expected"):
+        read_prompt_set(str(tmp_path / "r.jsonl"))

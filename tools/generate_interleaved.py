@@ -55,18 +55,14 @@ def read_prompts(args) -> list[dict]:
     """[{"name", "text" or None, "ids" or None, "start_with_image"}] from --prompt and --prompts-file."""
     items = [{"text": t} for t in args.prompt]
     if args.prompts_file:
-        with open(args.prompts_file) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{args.prompts_file}:{n}: invalid JSON ({e})") from e
-                if not isinstance(rec, dict) or not ({"prompt", "prompt_ids"} & set(rec)):
-                    raise ValueError(f'{args.prompts_file}:{n}: expected {{"prompt": TEXT}} or {{"prompt_ids": [...]}}')
-                items.append({"text": rec.get("prompt"), "ids": rec.get("prompt_ids"), "name": rec.get("name"),
-                              "start_with_image": bool(rec.get("start_with_image", False))})
+        from megatron_jam.utils.jsonl import read_records
+
+        expected = '{"prompt": TEXT} or {"prompt_ids": [...]}'
+        for n, rec in read_records(args.prompts_file, expected):
+            if not {"prompt", "prompt_ids"} & set(rec):
+                raise ValueError(f"{args.prompts_file}:{n}: expected {expected}")
+            items.append({"text": rec.get("prompt"), "ids": rec.get("prompt_ids"), "name": rec.get("name"),
+                          "start_with_image": bool(rec.get("start_with_image", False))})
     if not items:
         raise ValueError("give --prompt TEXT or --prompts-file FILE")
     for i, it in enumerate(items):

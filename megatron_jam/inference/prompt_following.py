@@ -20,7 +20,6 @@ guided by `<sentinel:0> <break>` as the unconditional context).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -44,19 +43,14 @@ class PromptItem:
 
 def read_prompt_set(path: str) -> list[PromptItem]:
     """JSON Lines `{"prompt": TEXT, "name"?, "colour"?, "shape"?}`; errors name the file and line."""
+    from megatron_jam.utils.jsonl import read_records
+
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(f'{path}:{n}: expected {{"prompt": TEXT, ...}}')
-            items.append(PromptItem(name=str(rec.get("name") or f"prompt_{len(items):04d}"), prompt=rec["prompt"],
-                                    colour=rec.get("colour"), shape=rec.get("shape")))
+    for n, rec in read_records(path, '{"prompt": TEXT, ...}'):
+        if not isinstance(rec.get("prompt"), str):
+            raise ValueError(f'{path}:{n}: expected {{"prompt": TEXT, ...}}')
+        items.append(PromptItem(name=str(rec.get("name") or f"prompt_{len(items):04d}"), prompt=rec["prompt"],
+                                colour=rec.get("colour"), shape=rec.get("shape")))
     if not items:
         raise ValueError(f"{path}: no prompts")
     return items
@@ -133,8 +127,9 @@ def make_scorer(items: Sequence[PromptItem], clip_model: Optional[str]):
 
 
 def text_to_image(generator, vq, prompts: list[list[int]], params, break_id: int,
-                  on_step: Optional[Callable[[int], None]] = None) -> list:
-    """One decoded PIL image per prompt (ids): the prompt + `<break>`, exactly one image sampled."""
+                  on_step: Optional[Callable[[int], None]] = None) -> tuple[list, list[list[int]]]:
+    """(decoded PIL images, their codes), one per prompt (ids): the prompt + the image-opening token
+    (`break_id`), exactly one image sampled."""
     from megatron_jam.inference.render import decode_images
 
     layout = generator.layout

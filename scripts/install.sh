@@ -19,6 +19,17 @@ if [ "$VENV" != "none" ]; then
 fi
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
+# Up to date? The stamp is a hash of what the install depends on (package metadata and the C++ sources);
+# when it matches and the package imports, nothing is reinstalled or rebuilt (JAM_FORCE_INSTALL=1 forces it).
+STAMP_DIR=$("$PY" -c 'import sys; print(sys.prefix)')
+STAMP="$STAMP_DIR/.megatron-jam-install"
+WANT=$(cat setup.py pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ -z "${JAM_FORCE_INSTALL:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
+   && "$PY" -c "import torch, megatron_jam, megatron_jam._C, megatron.core" >/dev/null 2>&1; then
+  echo "[install] up to date (setup.py, pyproject.toml and csrc/ unchanged; JAM_FORCE_INSTALL=1 reinstalls)"
+  exit 0
+fi
+
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[install] GPU found and no torch: installing torch (CUDA build)"
@@ -35,3 +46,4 @@ fi
 echo "[install] installing megatron-jam (builds the C++ extension in csrc/)"
 "${PIP[@]}" install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -c "import megatron_jam, megatron_jam._C, megatron.core; print('[install] ok: megatron-core', megatron.core.__version__)"
+echo "$WANT" > "$STAMP"

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=5e-3, help="peak Adam learning rate (warm-up, cosine to 10%%)")
     g.add_argument("--restart-interval", type=int, default=25,
                    help="re-seed codes unused for this many iterations from recent encoder outputs (0: never)")
+    g.add_argument("--foreground-weight", type=float, default=1.5,
+                   help="extra reconstruction weight on figure pixels (not the background); 0: plain loss")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -142,6 +144,8 @@ def check_args(args) -> None:
     for name in ("train_iters", "micro_batch_size", "image_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.foreground_weight < 0:
+        raise InputError("--foreground-weight must be at least 0")
     if args.eval_fraction is not None and not 0 <= args.eval_fraction < 1:
         raise InputError("--eval-fraction must be in [0, 1)")
 
@@ -173,7 +177,8 @@ def run(args) -> dict:
                     args.train_iters, d["loss"], d["codes_in_batch"], args.codebook_size, d["lr"], d["seconds"])
 
     summary = vq_training.train(model, train_pixels, eval_pixels, args.train_iters, args.micro_batch_size, args.lr,
-                                args.seed, args.log_interval, args.restart_interval, on_log=log)
+                                args.seed, args.log_interval, args.restart_interval,
+                                foreground_weight=args.foreground_weight, on_log=log)
     vq_training.save(model, args.save)
     summary.update(save=args.save, image_size=args.image_size, tokens_per_image=args.tokens_per_image,
                    skipped=skipped, total_seconds=round(time.time() - start, 2))

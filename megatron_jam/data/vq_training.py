@@ -16,7 +16,17 @@ the stock Euclidean lookup picks the same code and decoding sees the same
 vector, so encode -> decode through transformers reproduces training exactly.
 
 Objective: pixel MSE + L1, plus the VQ-VAE codebook and commitment terms with
-the straight-through estimator. Codes unused for `restart_interval` steps are
+the straight-through estimator. The pixel terms weight figure pixels (those
+unlike the image's border colour) 1 + `foreground_weight` times the background
+(weights renormalised to mean 1). With a plain loss the white background
+dominates, and the encoder (whose GroupNorm(32 groups, 32 channels) is a
+per-channel instance norm, so colour survives only in channel ratios) often
+settles on latents that cannot tell the dark colours apart: on the picture
+world red, blue and purple images got identical codes and red, blue, green and
+purple all decoded as purple (colour read back 0.5). Weight 1.5 reads every
+colour back (1.0 on seeds 1234, 2 and 3; shape 0.91-0.94) and halves held-out
+MSE (0.135 -> 0.053); 0.75 still collapsed on seed 2, and 4 costs shape
+accuracy (0.79). Codes unused for `restart_interval` steps are
 re-initialised from recent encoder outputs, which keeps a short run from
 collapsing onto a handful of codes.
 
@@ -143,15 +153,35 @@ def decode_latents(model, quantized: torch.Tensor) -> torch.Tensor:
     return model.decoder(model.post_quant_conv(quantized.permute(0, 3, 1, 2).contiguous()))
 
 
-def vq_loss(model, pixels: torch.Tensor, beta: float = 0.25):
-    """Reconstruction (MSE + L1) + codebook + beta * commitment, straight-through gradients to the encoder."""
+FOREGROUND_THRESHOLD = 0.1  # a pixel whose channels differ this much from the background (model space) is figure
+
+
+def pixel_weights(pixels: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """[n, 1, s, s] per-pixel loss weights with mean 1: 1 + `foreground_weight` on figure pixels.
+
+    The background of each image is its median border pixel (white for the
+    picture world); a pixel is figure when any channel differs from it by more
+    than `FOREGROUND_THRESHOLD`. Renormalising to mean 1 keeps the loss scale
+    (and so the balance with the codebook terms) independent of figure size.
+    """
+    border = torch.cat([pixels[:, :, 0], pixels[:, :, -1], pixels[:, :, 1:-1, 0], pixels[:, :, 1:-1, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]
+    figure = ((pixels - background).abs().amax(dim=1, keepdim=True) > FOREGROUND_THRESHOLD).float()
+    weights = 1 + foreground_weight * figure
+    return weights / weights.mean()
+
+
+def vq_loss(model, pixels: torch.Tensor, beta: float = 0.25, foreground_weight: float = 1.5):
+    """Figure-weighted reconstruction (MSE + L1) + codebook + beta * commitment, straight-through to the encoder."""
     latents = encode_latents(model, pixels)
     codes, indices = quantize(model, latents)
     codebook_loss = F.mse_loss(codes, latents.detach())
     commitment = F.mse_loss(latents, codes.detach())
     straight_through = latents + (codes - latents).detach()
     recon = decode_latents(model, straight_through)
-    loss = F.mse_loss(recon, pixels) + F.l1_loss(recon, pixels) + codebook_loss + beta * commitment
+    error = recon - pixels
+    weights = pixel_weights(pixels, foreground_weight) if foreground_weight else torch.ones_like(pixels[:, :1])
+    loss = (weights * error.square()).mean() + (weights * error.abs()).mean() + codebook_loss + beta * commitment
     return loss, indices, latents.detach()
 
 
@@ -238,7 +268,7 @@ def _lr_at(step: int, iters: int, lr: float, warmup: int) -> float:
 
 def train(model, train_pixels: torch.Tensor, eval_pixels: torch.Tensor, train_iters: int = 1000,
           micro_batch_size: int = 16, lr: float = 5e-3, seed: int = 1234, log_interval: int = 100,
-          restart_interval: int = 25, beta: float = 0.25,
+          restart_interval: int = 25, beta: float = 0.25, foreground_weight: float = 1.5,
           on_log: Optional[Callable[[Dict[str, float]], None]] = None) -> Dict[str, float]:
     """Train `model` in place and return a summary (held-out MSE before/after, codebook usage, seconds).
 
@@ -258,7 +288,7 @@ def train(model, train_pixels: torch.Tensor, eval_pixels: torch.Tensor, train_it
             group["lr"] = _lr_at(step, train_iters, lr, warmup)
         batch = train_pixels[torch.randint(0, train_pixels.shape[0], (micro_batch_size,), generator=generator)]
         model.train()
-        loss, indices, latents = vq_loss(model, batch, beta)
+        loss, indices, latents = vq_loss(model, batch, beta, foreground_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

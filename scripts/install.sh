@@ -23,9 +23,12 @@ PIP=("$PY" -m pip --disable-pip-version-check -q)
 # when it matches and the package imports, nothing is reinstalled or rebuilt (JAM_FORCE_INSTALL=1 forces it).
 STAMP_DIR=$("$PY" -c 'import sys; print(sys.prefix)')
 STAMP="$STAMP_DIR/.megatron-jam-install"
-WANT=$(cat setup.py pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
+WANT=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat) 2>/dev/null | sha256sum | cut -d' ' -f1)
+REPO=$(pwd)
 if [ -z "${JAM_FORCE_INSTALL:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
-   && "$PY" -c "import torch, megatron_jam, megatron_jam._C, megatron.core" >/dev/null 2>&1; then
+   && PY_ABS=$("$PY" -c 'import sys; print(sys.executable)') \
+   && (cd / && "$PY_ABS" -c "import torch, megatron_jam, megatron_jam._C, megatron.core, os, sys
+sys.exit(os.path.dirname(os.path.dirname(megatron_jam.__file__)) != '$REPO')") >/dev/null 2>&1; then
   echo "[install] up to date (setup.py, pyproject.toml and csrc/ unchanged; JAM_FORCE_INSTALL=1 reinstalls)"
   exit 0
 fi
@@ -44,6 +47,10 @@ else
 fi
 
 echo "[install] installing megatron-jam (builds the C++ extension in csrc/)"
-"${PIP[@]}" install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+set +o pipefail
+"${PIP[@]}" install -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+PIP_STATUS=${PIPESTATUS[0]}
+set -o pipefail
+if [ "$PIP_STATUS" -ne 0 ]; then echo "[install] pip install -e .[test] failed (exit $PIP_STATUS)" >&2; exit 1; fi
 "$PY" -c "import megatron_jam, megatron_jam._C, megatron.core; print('[install] ok: megatron-core', megatron.core.__version__)"
-echo "$WANT" > "$STAMP"
+echo "$WANT" > "$STAMP" 2>/dev/null || echo "[install] note: cannot write $STAMP; the next run re-checks the install"

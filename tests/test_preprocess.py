@@ -245,3 +245,27 @@ def test_layout_json_round_trip(single):
     ids = np.arange(layout.vocab_size)
     assert layout.is_image(ids).sum() == layout.codebook_size and ids[layout.is_image(ids)][0] == layout.image_offset
     assert layout.sentinel_id(layout.num_sentinels - 1) == layout.image_offset - 1
+
+
+def test_an_image_the_vq_refuses_rejects_only_its_document(tmp_path):
+    """Images of several documents share one VQ call; when the VQ refuses one image (Emu3's size limits),
+    only its document gets the error, and the other documents keep their own grids in order."""
+    from PIL import Image
+
+    from megatron_jam.data.image_tokenizer import ImageError
+
+    class FakeVQ:
+        def encode_grids(self, images):
+            if any(im.size == (1, 1) for im in images):
+                raise ImageError("image_size", "1x1 is below the minimum")
+            return [np.full((2, 2), im.size[0]) for im in images]
+
+    for name, size in (("a", 3), ("b", 1), ("c", 5), ("d", 7)):
+        Image.new("RGB", (size, size), "red").save(tmp_path / f"{name}.png")
+    enc = preprocess_interleaved.Encoder.__new__(preprocess_interleaved.Encoder)
+    enc.vq = FakeVQ()
+    docs = [(1, {}, [(IMAGE, "a.png"), (TEXT, "x")]), (2, {}, [(IMAGE, "b.png"), (IMAGE, "c.png")]),
+            (3, {}, [(TEXT, "y")]), (4, {}, [(IMAGE, "c.png"), (IMAGE, "d.png")])]
+    out = enc._encode_images(docs, str(tmp_path))
+    assert isinstance(out[2], ImageError) and 3 not in out
+    assert [int(g[0, 0]) for g in out[1]] == [3] and [int(g[0, 0]) for g in out[4]] == [5, 7]

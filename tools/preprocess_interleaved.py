@@ -253,9 +253,28 @@ class Encoder:
                 except ImageError as e:
                     out[line] = e
             batch = [(line, im) for line, im in batch if not isinstance(out.get(line), Exception)]
-            for (line, _), grid in zip(batch, self.vq.encode_grids([im for _, im in batch]) if batch else []):
-                out.setdefault(line, []).append(grid)
+            for line, grid in self._encode_batch(batch):
+                if isinstance(grid, Exception):
+                    out[line] = grid
+                elif not isinstance(out.get(line), Exception):
+                    out.setdefault(line, []).append(grid)
         return out
+
+    def _encode_batch(self, batch: List[Tuple[int, Any]]) -> List[Tuple[int, Any]]:
+        """(line, grid) per image; when the batch fails (an image the VQ refuses, e.g. Emu3's size limits),
+        its images are encoded one at a time so only the owner of the bad image gets the error."""
+        if not batch:
+            return []
+        try:
+            return list(zip([line for line, _ in batch], self.vq.encode_grids([im for _, im in batch])))
+        except ImageError:
+            out = []
+            for line, im in batch:
+                try:
+                    out.append((line, self.vq.encode_grids([im])[0]))
+                except ImageError as e:
+                    out.append((line, e))
+            return out
 
     def _segments(self, items: List[Tuple[str, Any]], text_ids: List[np.ndarray], grids: List[np.ndarray]
                   ) -> List[Tuple[str, np.ndarray]]:

@@ -25,6 +25,10 @@ LLM_ITERS=${LLM_ITERS:-300}
 IMG_ITERS=${IMG_ITERS:-600}
 TRAIN_ITERS=${TRAIN_ITERS:-300}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [ $((NPROC % TP)) -ne 0 ] || [ $((16 % NPROC)) -ne 0 ] || [ $((8 % (NPROC / TP))) -ne 0 ]; then
+  echo "error: NPROC=$NPROC, TP=$TP: NPROC must be a multiple of TP and divide 16, NPROC/TP must divide 8" >&2
+  exit 2
+fi
 rm -rf "$OUT" "$WORK"
 mkdir -p "$WORK"
 TRAIN_ARGS=(${TRAIN_ARGS:-})   # extra flags for step 6, e.g. TRAIN_ARGS="--bf16" on a GPU
@@ -47,10 +51,14 @@ echo "== [2/8] VQ image tokenizer -> $WORK/vq, meanwhile the LLM parent on text 
 "${RUN1[@]}" "${COMMON[@]}" --model-config examples/configs/parent_llm_tiny.json --data-path "$WORK/data/text-only" \
     --no-cm3 --train-iters "$LLM_ITERS" --lr 3e-3 --min-lr 3e-4 --save "$WORK/llm" > "$WORK/llm.log" 2>&1 &
 LLM_PID=$!
-"$PY" tools/train_image_tokenizer.py --input "$W/imgtext.jsonl" "$W/interleaved.jsonl" --save "$WORK/vq" \
-    --num-threads 1 ${VQ_ITERS:+--train-iters "$VQ_ITERS"} 2>&1 | grep -v "^\[.*INFO" || true
-wait "$LLM_PID" || { tail -20 "$WORK/llm.log"; exit 1; }
-grep -E "iteration +$LLM_ITERS/" "$WORK/llm.log" | tail -1 | sed 's/.*metrics: *//'
+if ! "$PY" tools/train_image_tokenizer.py --input "$W/imgtext.jsonl" "$W/interleaved.jsonl" --save "$WORK/vq" \
+    --num-threads 1 ${VQ_ITERS:+--train-iters "$VQ_ITERS"} > "$WORK/vq.log" 2>&1; then
+  kill "$LLM_PID" 2>/dev/null || true
+  tail -20 "$WORK/vq.log"; echo "error: the VQ tokenizer failed to train (log: $WORK/vq.log)" >&2; exit 1
+fi
+tail -1 "$WORK/vq.log"   # its summary: reconstruction error before/after, codebook usage, seconds
+wait "$LLM_PID" || { tail -20 "$WORK/llm.log"; echo "error: the LLM parent failed (log: $WORK/llm.log)" >&2; exit 1; }
+grep -E " iteration +[0-9]+/" "$WORK/llm.log" | tail -1 | sed 's/.*metrics: *//' || true
 echo "== [3/8] shards -> $WORK/data"
 "${PRE[@]}" --input "$W/text.jsonl" --output-prefix "$WORK/data/text" >/dev/null
 "${PRE[@]}" --input "$W/imgtext.jsonl" "$W/interleaved.jsonl" --output-prefix "$WORK/data/imgtext" \
@@ -63,7 +71,8 @@ echo "== [5/8] merge: --method cross --cross-every 2"
 "$PY" tools/convert_checkpoint.py --method cross --llm "$WORK/llm" --img "$WORK/img" --cross-every 2 \
     --vocab-layout "$WORK/data/text.vocab.json" --seq-length 128 --save "$WORK/cross-init" >/dev/null
 echo "== [6/8] JAM-Cross continued pretraining ($TRAIN_ITERS steps, $NPROC processes, TP=$TP) -> $OUT"
-"${RUN[@]}" "${COMMON[@]}" --tensor-model-parallel-size "$TP" "${SP[@]}" --load "$WORK/cross-init" \
+"${RUN[@]}" "${COMMON[@]}" --tensor-model-parallel-size "$TP" "${SP[@]}" --micro-batch-size $((8 * TP / NPROC)) \
+    --load "$WORK/cross-init" \
     --data-path 0.5 "$WORK/data/text" 0.5 "$WORK/data/imgtext" --valid-data-path "text=$WORK/data/text" \
     "image=$WORK/data/imgtext" --eval-interval 100 --eval-iters 4 --train-iters "$TRAIN_ITERS" --lr 3e-3 \
     --min-lr 1e-4 --log-interval 50 --save "$OUT" --save-interval "$TRAIN_ITERS" "${TRAIN_ARGS[@]}"

@@ -320,8 +320,17 @@ def test_the_trainer_runs_on_mixed_shards(parents, crossed, tmp_path):
            "--train-iters", "2", "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
            "--eval-interval", "100", "--metrics-file", str(tmp_path / "metrics.jsonl"),
            "--data-cache-path", str(tmp_path / "cache")]
+    # a clean launch environment: in-process tools of earlier tests may have set RANK / MASTER_PORT (29500)
+    # here while this process still serves that port, and the child would rendezvous with it
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+                          env=env | {"OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)})
     assert done.returncode == 0, done.stderr[-2000:]
     steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if "valid_set" not in x]
     assert len(steps) == 2 and all(np.isfinite([s["text_loss"], s["image_loss"]]).all() for s in steps)

@@ -14,12 +14,16 @@ import pytest
 from test_preprocess import sentence
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "generate_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "generate_interleaved.py"))
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "tools",
+                                                                     f"{name}.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool
+
+
+def _tool():
+    return _load_tool("generate_interleaved")
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +155,7 @@ def test_small_decoded_images_are_shown_scaled_up_without_smoothing(single_rank,
 
 
 def _eval_tool():
-    spec = importlib.util.spec_from_file_location(
-        "eval_gen_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "evaluate_generation.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return _load_tool("evaluate_generation")
 
 
 def test_evaluate_generation_scores_every_image_at_every_scale(single_rank, setup, tmp_path, capsys):

@@ -34,3 +34,6 @@ def test_blend_trains_and_reports_named_validation_sets(pool2, tmp_path):
     valid = {(r["iteration"], r["valid_set"]) for r in records if "valid_set" in r}
     assert valid == {(4, "valid"), (4, "image"), (8, "valid"), (8, "image")}
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "8"
+    from megatron_jam.data.vocab import VocabLayout, load_layout
+
+    assert VocabLayout.from_json(str(save / "vocab_layout.json")) == load_layout(text)  # travels with the run

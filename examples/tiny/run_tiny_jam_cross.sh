@@ -78,7 +78,6 @@ echo "== [6/8] JAM-Cross continued pretraining ($TRAIN_ITERS steps, $NPROC proce
     --min-lr 1e-4 --log-interval 50 --save "$OUT" --save-interval "$TRAIN_ITERS" "${TRAIN_ARGS[@]}"
 echo "== [7/8] loss plot"
 "$PY" -m megatron_jam.training.plot "$OUT"
-cp "$WORK/data/text.vocab.json" "$OUT/vocab_layout.json"   # read by tools/generate_interleaved.py
 echo "== [8/8] generation -> $OUT/generations"
 GEN=("$PY" tools/generate_interleaved.py --load "$OUT" --tokenizer-model "$W/spm.model"
      --image-tokenizer "$WORK/vq" --cfg-scale 3.5 --image-top-p 0.9 --max-new-tokens 100 --no-progress-bar)

@@ -11,6 +11,8 @@ Validation sets: the blend's own valid split, plus any named
 each reported separately.
 """
 
+import os
+
 import torch
 
 from megatron_jam.models.config import ConfigError
@@ -67,6 +69,22 @@ def _check_vocab(cfg, prefix: str):
     return layout
 
 
+def _record_layout(save, layouts) -> None:
+    """`<save>/vocab_layout.json`: the data's vocabulary layout travels with the run, so generation and
+    evaluation check against exactly it (rank 0; only when every prefix of the blend has the same layout)."""
+    import torch.distributed as dist
+
+    from megatron_jam.inference.loading import LAYOUT_FILES
+
+    if not save or not layouts or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    if any(layout != layouts[0] for layout in layouts[1:]):
+        log_rank0(logger, "the --data-path prefixes have different vocabulary layouts: none recorded in %s", save)
+        return
+    os.makedirs(save, exist_ok=True)
+    layouts[0].to_json(os.path.join(save, LAYOUT_FILES[0]))
+
+
 def _named_valid_sets(args, cfg, n_valid: int) -> dict:
     from megatron_jam.data.cm3_dataset import build_train_valid_test_datasets
 
@@ -97,8 +115,8 @@ def build_data_sources(args, cfg) -> tuple[object, dict]:
     from megatron_jam.data.cm3_dataset import build_train_valid_test_datasets
     from megatron.core.datasets.utils import get_blend_from_list
 
-    for prefix in get_blend_from_list(list(args.data_path))[0]:
-        _check_vocab(cfg, prefix)
+    layouts = [_check_vocab(cfg, prefix) for prefix in get_blend_from_list(list(args.data_path))[0]]
+    _record_layout(args.save, layouts)
     # Samples only from the splits the run reads: no test set, no validation set without --eval-interval
     # (0 = an empty set, so a tiny corpus whose split rounds them to 0 documents still trains).
     train, valid, _ = build_train_valid_test_datasets(

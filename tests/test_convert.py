@@ -426,12 +426,9 @@ def test_pickles_are_never_loaded(single_rank, tmp_path):
 
 
 def test_cli_errors_exit_2_and_leave_nothing(single_rank, tmp_path, capsys):
-    import importlib.util
+    from tool_loader import load_tool
 
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", os.path.join(os.path.dirname(__file__), "..", "tools", "convert_checkpoint.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_checkpoint")
     make_llama(tmp_path / "a")
     assert tool.main(["--method", "import", "--load", str(tmp_path / "a"), "--save", str(tmp_path / "out"),
                       "--target-tensor-parallel-size", "3"]) == 2

@@ -227,12 +227,9 @@ def test_cross_streams_equal_their_parents_at_step0(single_rank, parents, layout
 
 def test_the_generator_reads_the_mixed_layout(single_rank, parents, layout_prefix, crossed, tmp_path, capsys):
     """Text prompts in the LLM's tokenizer; an image forced into Emu3's structure of re-indexed ids."""
-    import importlib.util
+    from tool_loader import load_tool
 
-    spec = importlib.util.spec_from_file_location("generate_tool", os.path.join(REPO, "tools",
-                                                                                "generate_interleaved.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("generate_interleaved")
     root, llm_dir, _, gen_dir, _ = parents
     args = ["--load", str(crossed), "--vocab-layout", layout_prefix + ".vocab.json", "--output", str(tmp_path),
             "--max-new-tokens", "24", "--no-progress-bar", "--greedy", "--prompt", "a red square",

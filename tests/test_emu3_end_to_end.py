@@ -13,7 +13,6 @@ is decoded by the Emu3 VQ on the grid written in its tokens; bad inputs are one-
 nothing behind. (In-process converter tests of Emu3: tests/test_convert_emu3.py.)
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 from emu3_helpers import BPE_SIZE, CODE0, CODEBOOK, EOS, extra, make_emu3_tokenizer
 from test_convert import _perturb, make_llama
 from test_evaluate import _expected
+from tool_loader import load_tool
 
 V = CODE0 + CODEBOOK
 """The tiny tokenizer's size: text, Emu3's specials and one visual token per code (575)."""
@@ -44,11 +44,7 @@ SIZES = {"wide.png": (12, 8), "square.png": (10, 10), "tall.png": (6, 14)}
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_tool", os.path.join(os.path.dirname(__file__), "..", "tools", f"{name}.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool(name)
 
 
 def make_parent(folder, seed, vq=True, codebook=CODEBOOK):

@@ -1,7 +1,6 @@
 """tools/evaluate.py: per-modality perplexity equals an independent computation with transformers,
 at TP=1 and TP=2; plain text datasets count as text; the CLI writes JSON."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from test_convert import _hf_logits, convert, make_llama
+from tool_loader import load_tool
 
 SEQ = 8
 
@@ -69,11 +69,7 @@ def setup(tmp_path_factory):
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_tool", os.path.join(os.path.dirname(__file__), "..", "tools", "evaluate.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("evaluate")
 
 
 def _run(argv):

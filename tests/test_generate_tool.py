@@ -3,7 +3,6 @@ and a tiny Janus VQ (which has a decoder) give HTML / Markdown / JSON documents 
 image segment; without a decoder the images are labelled token grids; mismatched inputs fail before
 anything is generated."""
 
-import importlib.util
 import io
 import json
 import os
@@ -12,18 +11,11 @@ import random
 import pytest
 
 from test_preprocess import sentence
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "tools",
-                                                                     f"{name}.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+from tool_loader import load_tool
 
 
 def _tool():
-    return _load_tool("generate_interleaved")
+    return load_tool("generate_interleaved")
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +147,7 @@ def test_small_decoded_images_are_shown_scaled_up_without_smoothing(single_rank,
 
 
 def _eval_tool():
-    return _load_tool("evaluate_generation")
+    return load_tool("evaluate_generation")
 
 
 def test_evaluate_generation_scores_every_image_at_every_scale(single_rank, setup, tmp_path, capsys):

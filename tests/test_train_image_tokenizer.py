@@ -3,7 +3,6 @@ with Pillow lowers held-out reconstruction error; the saved folder loads with VQ
 configured codebook size, tokens per image and resolution, and its codes decode back to images of that
 size; the project's encoder picks exactly the codes training used; bad input is a one-line error (exit 2)."""
 
-import importlib.util
 import json
 import os
 import random
@@ -11,16 +10,14 @@ import types
 
 import pytest
 
+from tool_loader import load_tool
+
 SIZE, TOKENS, CODEBOOK = 16, 16, 16
 COLOURS = [(220, 20, 20), (30, 60, 220), (0, 128, 0), (240, 210, 0), (128, 0, 128), (255, 140, 0)]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "train_image_tokenizer", os.path.join(os.path.dirname(__file__), "..", "tools", "train_image_tokenizer.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("train_image_tokenizer")
 
 
 def shape_image(rng: random.Random, size: int = SIZE):

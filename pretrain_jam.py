@@ -1,6 +1,8 @@
 """Top-level entry point, as Megatron-LM's pretrain_gpt.py: `torchrun pretrain_jam.py [flags]`."""
 
-from megatron_jam.training.loop import main
+import sys
+
+from megatron_jam.pretrain import cli
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

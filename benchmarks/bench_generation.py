@@ -70,13 +70,14 @@ def two_passes(stepper, layout, prompts, n, scale):
     """Greedy CFG image with separate conditional and unconditional batches (two forwards per token)."""
     import torch
 
+    from megatron_jam.inference.decoding import unconditional_id
     from megatron_jam.inference.kv_cache import KVCache, SlotTable
     from megatron_jam.inference.sampling import VocabMasks, cfg_combine, restrict
 
     masks = VocabMasks(layout, stepper.model.cfg.padded_vocab_size)
     b = len(prompts)
     runs = []
-    for seqs in (prompts, [[layout.mask_id, layout.break_id]] * b):
+    for seqs in (prompts, [[unconditional_id(layout), layout.break_id]] * b):  # the generator's unconditional row
         width = max(map(len, seqs))
         slots, cache = SlotTable(b, width + n), KVCache(width + n)
         tok = torch.tensor([[0] * (width - len(s)) + s for s in seqs])

@@ -76,7 +76,8 @@ def bench_tool(folder, corpus, model, workers, repeats):
         prefix = os.path.join(folder, f"out{r}")
         cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_interleaved.py"), "--input", corpus,
                "--output-prefix", prefix, "--tokenizer-model", model, "--codebook-size", "8192",
-               "--tokens-per-image", "1024", "--workers", str(workers), "--no-progress-bar", "--log-interval", "0"]
+               "--tokens-per-image", "1024", "--workers", str(workers), "--no-progress-bar", "--log-interval", "0",
+               "--overwrite"]  # the same scratch prefixes for every --workers value
         t = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         wall = time.perf_counter() - t

@@ -20,6 +20,7 @@ JAM-Cross). Peak is the accelerator's dense bf16 figure (`--peak-tflops`, e.g.
 On a GPU the peak allocated memory of each run is reported too.
 
     python benchmarks/bench_training_throughput.py               # one process, CPU, fp32
+    python benchmarks/bench_training_throughput.py --attention-backends auto,unfused   # SDPA vs unfused
     python benchmarks/bench_training_throughput.py --bf16 --peak-tflops 989 --hidden-size 2048 \
         --num-layers 8 --num-attention-heads 16 --num-query-groups 4 --seq-length 2048 \
         --micro-batch-size 2 --global-batch-size 8 --vocab-size 32000 --baseline     # one GPU (docs/gpu.md)
@@ -52,6 +53,13 @@ def _configs(parent: dict, vocab: int, seq: int, cross_every: int) -> dict:
     return {"uniform": gpt(parent), "width": gpt(wide),
             "cross": {"model_type": "jam_cross", "llm": parent, "img": parent, "vocab_size": vocab,
                       "cross_every": cross_every, "seq_length": seq}}
+
+
+def _forget_attention_backend() -> None:
+    """Megatron-Core's `LanguageModule` pins the attention backend per process through Transformer Engine's NVTE_*
+    variables (asserting on a change); runs here switch backends within one process."""
+    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        os.environ.pop(name, None)
 
 
 def _reset_memory() -> None:
@@ -152,6 +160,9 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--use-distributed-optimizer", action="store_true")
+    p.add_argument("--attention-backends", default="auto",
+                   help="comma-separated --attention-backend values run side by side (e.g. auto,unfused: SDPA "
+                        "vs Megatron-Core's unfused attention; speed ratios against the last one)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     from megatron_jam.training.loop import main as train
@@ -160,6 +171,7 @@ def main():
     out = {}
     parent = _parent(a)
     configs = _configs(parent, a.vocab_size, a.seq_length, a.cross_every)
+    backends = a.attention_backends.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.methods.split(","):
             cfg = configs[name]
@@ -170,14 +182,23 @@ def main():
                     "--micro-batch-size", str(a.micro_batch_size), "--global-batch-size", str(a.global_batch_size),
                     "--log-interval", str(10**6)] + (["--bf16"] if a.bf16 else []) + (
                    ["--use-distributed-optimizer"] if a.use_distributed_optimizer else [])
-            _reset_memory()
-            hist = train(argv)[a.warmup:]
-            out[name] = {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in hist),
-                         "tflops_per_gpu": statistics.median(r["tflops_per_gpu"] for r in hist),
-                         "iteration_time_ms": statistics.median(r["iteration_time_ms"] for r in hist),
-                         "final_lm_loss": hist[-1]["lm_loss"], "peak_memory_gib": _peak_memory_gib()}
+            for backend in backends:
+                label = name if len(backends) == 1 else f"{name} [{backend}]"
+                _reset_memory()
+                _forget_attention_backend()
+                hist = train(argv + ["--attention-backend", backend])[a.warmup:]
+                out[label] = {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in hist),
+                              "tflops_per_gpu": statistics.median(r["tflops_per_gpu"] for r in hist),
+                              "iteration_time_ms": statistics.median(r["iteration_time_ms"] for r in hist),
+                              "final_lm_loss": hist[-1]["lm_loss"], "peak_memory_gib": _peak_memory_gib()}
+            if len(backends) > 1:
+                base = out[f"{name} [{backends[-1]}]"]["tokens_per_sec"]
+                for backend in backends[:-1]:
+                    out[f"{name} [{backend}]"][f"speed_vs_{backends[-1]}"] = (
+                        out[f"{name} [{backend}]"]["tokens_per_sec"] / base)
     if a.baseline:
         _reset_memory()
+        _forget_attention_backend()
         out["megatron-core GPTModel"] = _baseline(a, parent) | {"peak_memory_gib": _peak_memory_gib()}
     for r in out.values():
         if a.peak_tflops:
@@ -186,8 +207,10 @@ def main():
         for name, r in out.items():
             mfu = f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""
             mem = f"  peak {r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") is not None else ""
+            ratio = "".join(f"  x{v:.2f} {k[len('speed_'):].replace('_', ' ')}" for k, v in r.items()
+                            if k.startswith("speed_vs_"))
             print(f"{name:>8}: {r['tokens_per_sec']:9.0f} tokens/s  {r['tflops_per_gpu']:.4f} TFLOP/s per rank  "
-                  f"{r['iteration_time_ms']:.1f} ms/iteration{mfu}{mem}")
+                  f"{r['iteration_time_ms']:.1f} ms/iteration{mfu}{mem}{ratio}")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(vars(a) | {"results": out}, f, indent=2)

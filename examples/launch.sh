@@ -30,6 +30,16 @@ PAPER_PRETRAIN=(--seq-length 4096 --global-batch-size 2048 --micro-batch-size 1 
 PAPER_INSTRUCT=(--seq-length 4096 --global-batch-size 256 --micro-batch-size 1 --lr 1e-5 --min-lr 1e-6
                 --lr-warmup-iters 300 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
                 --no-cm3 --finetune --log-interval 10 --save-interval 200)
+# Retrieval augmentation (section 3.1: CLIP + MIPS, near duplicates skipped, 20% query dropout) where the
+# paper trains with it: the image-text (Shutterstock-like) data of both phases. Up to RETRIEVAL_K (3, as
+# CM3leon) retrieved documents go before each of its samples, so every image-text --data-path prefix needs
+# PREFIX.neighbors.npy (tools/build_retrieval_index.py + tools/retrieve.py; docs/training_data.md section 5)
+# or the run stops naming it; text-only and instruction prefixes are trained packed. RETRIEVAL=0 switches it
+# off (e.g. the paper's "without retrieval" instruct model, tuned on instruction data only).
+RETRIEVAL_ARGS=()
+if [ "${RETRIEVAL:-1}" != "0" ]; then RETRIEVAL_ARGS=(--retrieval-k "${RETRIEVAL_K:-3}"); fi
+PAPER_PRETRAIN+=("${RETRIEVAL_ARGS[@]}")
+PAPER_INSTRUCT+=("${RETRIEVAL_ARGS[@]}")
 GPU_ARGS=()
 if has_gpu; then
   GPU_ARGS=(--bf16 --use-distributed-optimizer)

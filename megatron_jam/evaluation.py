@@ -16,6 +16,7 @@ returns the same result. Any TP/PP layout works (Megatron-Core's schedules).
 """
 
 import math
+import os
 from functools import partial
 from typing import Iterator
 
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_jam.data.indexed_builder import MODE_IMAGE, read_index_header
+from megatron_jam.data.indexed_builder import MODE_IMAGE
 from megatron_jam.parallel.schedule import to_model_device
 from megatron_jam.training.metrics import comm_device
 from megatron_jam.utils.logging import get_logger, log_rank0
@@ -32,11 +33,27 @@ from megatron_jam.utils.logging import get_logger, log_rank0
 logger = get_logger(__name__)
 
 
+def check_data(prefix: str, load: str, vocab_size: int) -> None:
+    """Before the model is built: PREFIX.bin against PREFIX.idx, and the data's vocabulary layout (when it has
+    one; a plain Megatron text dataset has none) against the one the checkpoint records and its vocab_size.
+    Raises `DatasetFileError` (a ValueError, exit 2 in tools/evaluate.py) naming the file."""
+    from megatron_jam.data.integrity import DatasetFileError, check_data_for_checkpoint
+
+    if not os.path.exists(prefix + ".idx"):
+        return  # reported by `open_dataset`, after the checkpoint's own checks (tests/test_adversarial_checkpoints.py)
+    layout = check_data_for_checkpoint([prefix], load, require_layout=False)[prefix]
+    if layout is not None and layout.vocab_size > vocab_size:
+        raise DatasetFileError(f"{prefix}: the vocabulary layout has {layout.vocab_size} ids but the checkpoint "
+                               f"{load} has vocab_size={vocab_size}")
+
+
 def open_dataset(prefix: str):
-    """(IndexedDataset, has_modes) for a Megatron dataset prefix, multimodal or plain."""
+    """(IndexedDataset, has_modes) for a Megatron dataset prefix, multimodal or plain (its files checked)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    has_modes = bool(read_index_header(prefix + ".idx")["has_modes"])
+    from megatron_jam.data.integrity import check_dataset_files
+
+    has_modes = bool(check_dataset_files(prefix)["has_modes"])
     return IndexedDataset(prefix, multimodal=has_modes), has_modes
 
 

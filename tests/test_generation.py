@@ -208,10 +208,12 @@ class FullForwardStepper:
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """Converted JAM-Cross (Llama + OPT), JAM-Width and JAM-Uniform (Llama + Llama) tiny checkpoints."""
+    """Converted JAM-Cross (Llama + OPT; Chameleon + swin-norm Chameleon), JAM-Width and JAM-Uniform (Llama + Llama)
+    tiny checkpoints."""
     import megatron_jam  # noqa: F401
     from megatron_jam.convert.checkpoint import ensure_single_rank
     from test_convert import convert, make_llama, make_opt
+    from test_convert_chameleon import make_chameleon
 
     ensure_single_rank()
     root = tmp_path_factory.mktemp("gen")
@@ -224,7 +226,13 @@ def ckpts(tmp_path_factory):
     _with_live_cross_blocks(root / "cross0", root / "cross")
     convert("width", root / "width", root / "llm", root / "llm_b", vocab_layout=lay, seq_length=64)
     convert("uniform", root / "uniform", root / "llm", root / "llm_b", vocab_layout=lay, seq_length=64)
-    return {m: str(root / m) for m in ("cross", "width", "uniform")}
+    # Chameleon bodies: per-head q/k norms in both streams, the swin placement in the image stream
+    make_chameleon(root / "cham", seed=4, vocab_size=40, initializer_range=0.3)
+    make_chameleon(root / "cham_swin", seed=5, vocab_size=V, initializer_range=0.3, swin_norm=True)
+    convert("cross", root / "cham0", root / "cham", root / "cham_swin", cross_every=1, vocab_layout=lay,
+            seq_length=64)
+    _with_live_cross_blocks(root / "cham0", root / "cross_chameleon")
+    return {m: str(root / m) for m in ("cross", "width", "uniform", "cross_chameleon")}
 
 
 def _with_live_cross_blocks(src, dst):
@@ -262,7 +270,7 @@ def _generate(path, tp=1, use_cache=True, stepper_cls=None, cfg_scale=3.0, promp
     return [(o.ids, o.finish_reason) for o in gen.generate(prompts, SamplingParams.greedy(cfg_scale), max_new)]
 
 
-@pytest.mark.parametrize("method", ["cross", "width", "uniform"])
+@pytest.mark.parametrize("method", ["cross", "width", "uniform", "cross_chameleon"])
 def test_greedy_with_cache_equals_without(single_rank, ckpts, method):
     cached = _generate(ckpts[method])
     assert cached == _generate(ckpts[method], stepper_cls=FullForwardStepper)  # the model's own forward

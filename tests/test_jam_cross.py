@@ -1,6 +1,8 @@
 """JAM-Cross model properties: causality of both streams, step-0 equality with the parents,
 parameter counts (paper Table 4) and the promised configuration errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -101,7 +103,12 @@ def test_table4_sizes_within_5_percent():
         assert abs(ours[row] - billions) / billions <= 0.05, (row, ours[row], billions)
 
 
-@pytest.mark.parametrize("llm,img,tied", [(OPT, LLAMA, True), (CM3, CM3, True), (LLAMA, OPT, False)])
+CHAMELEON = dataclasses.replace(LLAMA, qk_layernorm=True)
+SWIN = dataclasses.replace(CHAMELEON, swin_norm=True)
+
+
+@pytest.mark.parametrize("llm,img,tied", [(OPT, LLAMA, True), (CM3, CM3, True), (LLAMA, OPT, False),
+                                          (CHAMELEON, SWIN, False)])
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_param_count_matches_modules(single_rank, llm, img, tied, k):
     from megatron_jam.models.builders import build_parent_gpt

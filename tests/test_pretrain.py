@@ -46,7 +46,7 @@ def test_training_curve_is_layout_independent(pool2):
     (["--global-batch-size", "3"], "--global-batch-size=3 is not divisible by --micro-batch-size=2"),
     (["--model-config", "/nonexistent/model_config.json"], "no such file"),
     (["--pipeline-model-parallel-size", "4"], "not a multiple of cross_every=2"),
-    (["--train-iters", "2"], "--lr-warmup-iters=2 must be smaller than --lr-decay-iters=2"),
+    (["--train-iters", "2", "--lr-warmup-iters", "2"], "--lr-warmup-iters=2 must be smaller than --lr-decay-iters=2"),
 ])
 def test_bad_flags_fail_before_process_groups(argv, message, monkeypatch):
     import torch.distributed as dist

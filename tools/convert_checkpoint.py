@@ -46,7 +46,11 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_jam.convert.common import ConvertError
     from megatron_jam.convert.export import export_hf
     from megatron_jam.convert.pipeline import ConvertOptions, convert
+    from megatron_jam.utils.paths import output_dir_problem
 
+    problem = output_dir_problem(args.save)
+    if problem:  # before any parent is read
+        raise ConvertError(f"--save {args.save}: {problem}")
     if args.method in ("import", "export"):
         if not args.load or args.llm or args.img:
             raise ConvertError(f"--method {args.method} takes --load (and no --llm / --img)")
@@ -71,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_jam.convert.common import ConvertError
     from megatron_jam.data.vocab import VocabLayoutError
     from megatron_jam.models.config import ConfigError
+    from megatron_jam.utils.safe_checkpoint import CheckpointError
 
     try:
         record = run(args)
-    except (ConvertError, ConfigError, VocabLayoutError) as e:
+    except (ConvertError, ConfigError, VocabLayoutError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = {"save": args.save, "method": record["method"], "vocab": record.get("vocab")}

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="per-modality perplexity (paper: Wikipedia PPL, MS-COCO PPL)")
     p.add_argument("--load", required=True, help="checkpoint folder (converted or trained)")
+    p.add_argument("--ckpt-step", type=int, default=None, help="a training folder's iteration (default: latest)")
     p.add_argument("--data-path", required=True, help="Megatron indexed dataset prefix (PREFIX.bin/.idx)")
     p.add_argument("--seq-length", type=int, default=None, help="window length (default: the model config's)")
     p.add_argument("--micro-batch-size", type=int, default=1)
@@ -34,7 +35,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     from megatron_jam.convert.checkpoint import load_checkpoint
-    from megatron_jam.evaluation import perplexity
+    from megatron_jam.evaluation import check_data, perplexity
     from megatron_jam.models.jam_gpt import load_model_config, model_class, validate_model_parallel
     from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
     from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
@@ -43,13 +44,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     validate_model_parallel(cfg, tp=tp, pp=pp)  # before any process group
     seq = args.seq_length or cfg.seq_length
+    check_data(args.data_path, args.load, cfg.vocab_size)  # before any process group or weight is touched
     initialize_distributed()
     if dist.get_world_size() % (tp * pp):
         raise ValueError(f"world size {dist.get_world_size()} is not divisible by TP x PP = {tp} x {pp}")
     initialize_model_parallel(tp, pp)
     chunks = build_model_chunks(model_class(cfg), cfg, parallel_kwargs(tp, pp, perform_initialization=False),
                                 wrap_ddp=False)
-    load_checkpoint(chunks, args.load)
+    load_checkpoint(chunks, args.load, args.ckpt_step)
     result = perplexity(chunks, cfg.vocab_size, args.data_path, seq, args.micro_batch_size, args.max_windows)
     return {"load": args.load, "data_path": args.data_path, "seq_length": seq,
             "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp} | result
@@ -60,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     import megatron_jam  # noqa: F401  (CPU layer for Megatron-Core)
     from megatron_jam.models.config import ConfigError
     from megatron_jam.utils.logging import global_rank
+    from megatron_jam.utils.paths import output_file_problem
 
+    problem = args.output and output_file_problem(args.output)
+    if problem:  # before the model is loaded, not after the whole evaluation
+        print(f"error: --output {args.output}: {problem}", file=sys.stderr)
+        return 2
     try:
         result = evaluate(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:

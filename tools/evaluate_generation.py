@@ -10,6 +10,11 @@ Prompt lines are `{"prompt": TEXT, "name"?, "colour"?, "shape"?}`. With colour a
 reader (accuracy per attribute and joint, next to chance); with --clip-model the score is
 CLIP score. Every scale uses the same prompts and seeds. Writes one JSON file (summary per
 scale and one row per image); --save-images keeps the PNGs. See docs/generation.md.
+
+Retrieval-augmented, as tools/generate_interleaved.py: --retrieval-index INDEX --retrieval-k 2
+prepends each prompt's retrieved bank documents (each row lists their ids and scores); the CLIP
+folder that embeds the prompt is --retrieval-clip-model (default: the index's), apart from the
+scorer's --clip-model.
 """
 
 import argparse
@@ -42,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="JSON file with the summary and one row per image")
     p.add_argument("--save-images", help="folder for the decoded PNGs (SCALE/NAME_K.png)")
     p.add_argument("--no-progress-bar", action="store_true")
+    r = p.add_argument_group("retrieval augmentation, as tools/generate_interleaved.py (docs/generation.md)")
+    r.add_argument("--retrieval-index", help="index of tools/build_retrieval_index.py: each prompt's retrieved "
+                                             "bank documents are prepended to it")
+    r.add_argument("--retrieval-k", type=int, default=None, help="documents retrieved per prompt (default 2)")
+    r.add_argument("--retrieval-max-score", type=float, default=0.9, help="skip candidates scoring above it")
+    r.add_argument("--retrieval-clip-model", help="CLIP folder that embeds the prompt (default: the index's; "
+                                                  "--clip-model is the scorer's)")
     return p
 
 
@@ -50,10 +62,13 @@ def setup(args):
     from megatron_jam.inference.loading import (check_checkpoint_layout, load_image_tokenizer, load_text_tokenizer,
                                                 resolve_layout)
     from megatron_jam.inference.prompt_following import make_scorer, read_prompt_set
+    from megatron_jam.inference.retrieval_context import check_retrieval_args, read_bank_meta
     from megatron_jam.models.jam_gpt import load_model_config, validate_model_parallel
 
     if args.samples_per_prompt < 1:
         raise ValueError(f"--samples-per-prompt {args.samples_per_prompt} must be >= 1")
+    if check_retrieval_args(args.retrieval_index, args.retrieval_k, args.retrieval_max_score):
+        read_bank_meta(args.retrieval_index)  # a missing index or bank fails before anything is loaded
     cfg = load_model_config(args.load)
     validate_model_parallel(cfg, tp=args.tensor_model_parallel_size, pp=1)
     layout = resolve_layout(args.load, args.vocab_layout)
@@ -62,8 +77,26 @@ def setup(args):
     vq = load_image_tokenizer(args.image_tokenizer, layout)
     items = read_prompt_set(args.prompts_file)
     scorer = make_scorer(items, args.clip_model)
-    requests = [(it, k, [int(t) for t in tok.encode(it.prompt)]) for it in items for k in range(args.samples_per_prompt)]
-    return cfg, layout, vq, scorer, requests
+    prompts = [[int(t) for t in tok.encode(it.prompt)] for it in items]
+    retrieved, retrieval = retrieve_contexts(args, cfg, layout, items, prompts)
+    requests = [(it, k, ctx.prefix_ids() + ids if ctx is not None else ids, ctx)
+                for it, ids, ctx in zip(items, prompts, retrieved) for k in range(args.samples_per_prompt)]
+    return cfg, layout, vq, scorer, requests, retrieval
+
+
+def retrieve_contexts(args, cfg, layout, items, prompts):
+    """([RetrievedContext or None per prompt], run settings or None): with --retrieval-index, the bank
+    documents each prompt retrieves, to prepend; the room left for them keeps `<break>` + one image."""
+    from megatron_jam.inference.retrieval_context import open_retriever
+    from megatron_jam.inference.stepper import max_positions
+
+    retriever = open_retriever(args, layout)
+    if retriever is None:
+        return [None] * len(items), None
+    context = min(cfg.seq_length, max_positions(cfg))
+    image = layout.format.image_length(layout.format.default_grid)  # the break and the image's tokens
+    found = retriever.contexts([it.prompt for it in items], [len(p) for p in prompts], context, image)
+    return found, retriever.describe()
 
 
 def run(args) -> dict:
@@ -76,7 +109,7 @@ def run(args) -> dict:
     from megatron_jam.inference.sampling import SamplingParams
     from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
 
-    cfg, layout, vq, scorer, requests = setup(args)
+    cfg, layout, vq, scorer, requests, retrieval = setup(args)
     initialize_distributed()
     if dist.get_world_size() != args.tensor_model_parallel_size:
         raise ValueError(f"run with {args.tensor_model_parallel_size} processes (one per TP rank)")
@@ -91,9 +124,10 @@ def run(args) -> dict:
             batch = requests[b: b + args.batch_size]
             params = SamplingParams(image_temperature=args.image_temperature, image_top_p=args.image_top_p,
                                     cfg_scale=scale, seed=args.seed + b)  # the same seeds at every scale
-            images, codes = text_to_image(gen, vq, [ids for _, _, ids in batch], params, layout.break_id)
-            for (item, k, _), image, c in zip(batch, images, codes):
+            images, codes = text_to_image(gen, vq, [ids for _, _, ids, _ in batch], params, layout.break_id)
+            for (item, k, _, ctx), image, c in zip(batch, images, codes):
                 row = {"cfg_scale": scale, "name": item.name, "sample": k, "prompt": item.prompt, "codes": c}
+                row |= {"retrieved": ctx.record()} if ctx is not None else {}
                 row |= scorer.row(item, image)
                 if args.save_images:
                     row["file"] = _save(image, args.save_images, scale, item.name, k)
@@ -102,7 +136,8 @@ def run(args) -> dict:
     bar.close()
     return {"load": args.load, "prompts_file": args.prompts_file, "scorer": scorer.kind, "chance": scorer.chance,
             "samples_per_prompt": args.samples_per_prompt, "seed": args.seed, "image_top_p": args.image_top_p,
-            "image_temperature": args.image_temperature, "results": summarise(scorer, rows), "rows": rows}
+            "image_temperature": args.image_temperature, "retrieval": retrieval, "results": summarise(scorer, rows),
+            "rows": rows}
 
 
 def _save(image, folder: str, scale: float, name: str, k: int) -> str:
@@ -115,6 +150,10 @@ def _save(image, folder: str, scale: float, name: str, k: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.retrieval_k and not args.retrieval_index:  # before Megatron's import warnings: the only line
+        print(f"error: --retrieval-k {args.retrieval_k} needs --retrieval-index INDEX "
+              "(built by tools/build_retrieval_index.py)", file=sys.stderr)
+        return 2
     import megatron_jam  # noqa: F401  (CPU layer for Megatron-Core)
     from megatron_jam.data.vocab import VocabLayoutError
     from megatron_jam.models.config import ConfigError

@@ -6,9 +6,14 @@
     torchrun --nproc-per-node 2 tools/generate_interleaved.py --load ckpt/cross ... \
         --prompts-file prompts.jsonl --tensor-model-parallel-size 2 --output out/
 
-Writes, per prompt, NAME.html and NAME.md (text with the images inline), NAME.json
-(raw ids and segment boundaries) and NAME_imgK.png. Every input is checked before
-any generation (exit code 2). See tools/README.md and docs/generation.md.
+Retrieval-augmented (paper section 3.1): --retrieval-index INDEX (tools/build_retrieval_index.py)
+--retrieval-k 2 retrieves bank documents with the prompt's CLIP embedding and prepends them
+(megatron_jam/inference/retrieval_context.py).
+
+Writes, per prompt, NAME.html and NAME.md (text with the images inline; retrieved documents
+shown apart, as what the model saw), NAME.json (raw ids, segment boundaries, retrieved bank
+ids and scores) and NAME_imgK.png. Every input is checked before any generation (exit code 2).
+See tools/README.md and docs/generation.md.
 """
 
 import argparse
@@ -22,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="mixed-modal generation with classifier-free guidance")
     p.add_argument("--load", required=True, help="checkpoint folder (converted or trained)")
+    p.add_argument("--ckpt-step", type=int, default=None, help="a training folder's iteration (default: latest)")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     p.add_argument("--prompts-file", help='JSON Lines: {"prompt": TEXT} or {"prompt_ids": [ids]}, '
                                           'optional "name", "start_with_image"')
@@ -48,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="must be 1 for generation")
     p.add_argument("--output", required=True, help="folder for the documents")
     p.add_argument("--no-progress-bar", action="store_true")
+    r = p.add_argument_group("retrieval augmentation (paper section 3.1; docs/generation.md)")
+    r.add_argument("--retrieval-index", help="index of tools/build_retrieval_index.py: the prompt's CLIP embedding "
+                                             "retrieves bank documents, prepended to its context")
+    r.add_argument("--retrieval-k", type=int, default=None, help="documents retrieved per prompt (default 2)")
+    r.add_argument("--retrieval-max-score", type=float, default=0.9,
+                   help="skip candidates scoring above it (near duplicates of the prompt)")
+    r.add_argument("--clip-model", "--retrieval-clip-model", dest="retrieval_clip_model",
+                   help="CLIP folder that embeds the prompt (default: the one the index was built with)")
     return p
 
 
@@ -83,14 +97,45 @@ def encode_prompts(items: list[dict], sp, layout) -> None:
             it["ids"].append(layout.break_id)
 
 
+def retrieve_contexts(args, items: list[dict], sp, layout, context: int) -> None:
+    """With --retrieval-index: each prompt's retrieved bank documents, prepended to its ids (it["retrieved"])."""
+    from megatron_jam.inference.retrieval_context import open_retriever
+
+    retriever = open_retriever(args, layout)
+    if retriever is None:
+        return
+    texts = [query_text(it, sp, layout) for it in items]
+    found = retriever.contexts(texts, [len(it["ids"]) for it in items], context, args.max_new_tokens)
+    for it, ctx in zip(items, found):
+        it["retrieved"], it["retrieval"] = ctx, retriever.describe()
+        it["ids"] = ctx.prefix_ids() + it["ids"]
+
+
+def query_text(item: dict, sp, layout) -> str:
+    """The text CLIP embeds for retrieval: the prompt text, or its ids decoded."""
+    if item["text"] is not None:
+        return item["text"]
+    if sp is None:
+        raise ValueError(f"{item['name']}: retrieval needs the prompt as text (or --tokenizer-model to decode ids)")
+    return sp.decode([t for t in item["ids"] if layout.is_text(t)])
+
+
 def setup(args):
     """Everything that can fail, checked before the model is built: returns (cfg, layout, sp, vq, items)."""
     from megatron_jam.inference.loading import (check_checkpoint_layout, load_image_tokenizer, load_text_tokenizer,
                                                 resolve_layout)
+    from megatron_jam.inference.retrieval_context import check_retrieval_args, read_bank_meta
     from megatron_jam.inference.sampling import SamplingParams
     from megatron_jam.models.jam_gpt import load_model_config, validate_model_parallel
 
+    from megatron_jam.utils.paths import output_dir_problem
+
+    if check_retrieval_args(args.retrieval_index, args.retrieval_k, args.retrieval_max_score):
+        read_bank_meta(args.retrieval_index)  # a missing index or bank fails before anything is loaded
     params = sampling_params(args, SamplingParams)
+    problem = output_dir_problem(args.output)
+    if problem:
+        raise ValueError(f"--output {args.output}: {problem}")
     if args.pipeline_model_parallel_size != 1:
         raise ValueError(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: generation needs "
                          "the whole model on one stage; use --tensor-model-parallel-size")
@@ -107,6 +152,7 @@ def setup(args):
     context = args.context_length or min(cfg.seq_length, max_positions(cfg))
     if context > max_positions(cfg):
         raise ValueError(f"--context-length {context} > the model's position table ({max_positions(cfg)} rows)")
+    retrieve_contexts(args, items, sp, layout, context)
     for it in items:
         layout.check_ids(it["ids"], it["name"])
         if len(it["ids"]) >= context:
@@ -138,7 +184,7 @@ def generate(args) -> list[dict]:
     if dist.get_world_size() % tp:
         raise ValueError(f"world size {dist.get_world_size()} is not divisible by TP={tp}")
     initialize_model_parallel(tp, 1, seed=args.seed)
-    model, cfg = load_model(args.load, tp)
+    model, cfg = load_model(args.load, tp, iteration=args.ckpt_step)
     gen = InterleavedGenerator(model, cfg, layout, context_length=context, use_cache=not args.no_kv_cache)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = items[dp_rank::dp]
@@ -155,11 +201,13 @@ def generate(args) -> list[dict]:
         tokens.close()
         for it, out in zip(batch, outs):
             if writer is not None:
-                rec = writer.write(it["name"], it["text"], out, meta={"load": args.load, "cfg_scale": params.cfg_scale,
-                                                                      "seed": params.seed})
+                meta = {"load": args.load, "cfg_scale": params.cfg_scale, "seed": params.seed}
+                meta |= {"retrieval": it["retrieval"]} if "retrieval" in it else {}
+                rec = writer.write(it["name"], it["text"], out, meta=meta, retrieved=it.get("retrieved"))
                 full.append(rec)
                 records.append({"name": it["name"], "finish_reason": rec["finish_reason"], "tokens": len(out.ids),
-                                "images": sum(s["type"] == "image" for s in rec["segments"])})
+                                "images": sum(s["type"] == "image" for s in rec["segments"])}
+                               | ({"retrieved": rec["retrieved"]["ids"]} if "retrieved" in rec else {}))
         bar.update(len(batch))
     bar.close()
     if writer is not None and dp == 1:  # with data parallelism each rank holds only its share
@@ -169,6 +217,10 @@ def generate(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.retrieval_k and not args.retrieval_index:  # before Megatron's import warnings: the only line
+        print(f"error: --retrieval-k {args.retrieval_k} needs --retrieval-index INDEX "
+              "(built by tools/build_retrieval_index.py)", file=sys.stderr)
+        return 2
     import megatron_jam  # noqa: F401  (CPU layer for Megatron-Core)
     from megatron_jam.data.vocab import VocabLayoutError
     from megatron_jam.models.config import ConfigError

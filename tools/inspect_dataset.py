@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from megatron_jam.data.documents import IMAGE, TEXT, render_document, split_segments
-from megatron_jam.data.indexed_builder import MODE_IMAGE, read_index_header
+from megatron_jam.data.indexed_builder import MODE_IMAGE
+from megatron_jam.data.integrity import check_dataset_files
 from megatron_jam.data.text_tokenizer import add_tokenizer_args, check_layout, load_text_tokenizer
 from megatron_jam.data.vocab import VocabLayout, VocabLayoutError, find_layout, load_layout
 
@@ -36,7 +37,7 @@ def dataset_stats(prefix: str, layout: VocabLayout) -> Dict[str, Any]:
     """Counts per modality from the index alone (token classes need one pass over .bin)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    header = read_index_header(prefix + ".idx")
+    header = check_dataset_files(prefix)  # .bin against .idx: a damaged pair is exit 2 naming the file
     ds = IndexedDataset(prefix, multimodal=header["has_modes"])
     lengths = ds.index.sequence_lengths.astype(np.int64)
     modes = ds.index.sequence_modes if header["has_modes"] else np.zeros(len(lengths), np.int8)

@@ -12,7 +12,8 @@ Input lines::
 
 Instruction sets are small (LIMA: 1k, wikiHow: 3k documents), so this runs in one
 process and writes one dataset. Writes PREFIX.bin/.idx, PREFIX.vocab.json,
-PREFIX.loss_mask.npy, PREFIX.rejects.jsonl, PREFIX.stats.json.
+PREFIX.loss_mask.npy, PREFIX.rejects.jsonl, PREFIX.stats.json, as one set when complete (an
+existing set is refused unless ``--overwrite``; see megatron_jam/data/publish.py).
 """
 
 import argparse
@@ -23,7 +24,8 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from megatron_jam.data.documents import IMAGE, IMAGE_TOKENS, TEXT, BatchAccumulator, RejectedDocument, image_codes_to_ids
+from megatron_jam.data.documents import (IMAGE, IMAGE_TOKENS, TEXT, BatchAccumulator, RejectedDocument, encode_texts,
+                                         failure_names, image_codes_to_ids)
 from megatron_jam.data.image_tokenizer import ImageError, VQImageTokenizer
 from megatron_jam.data.indexed_builder import IndexedDatasetBuilder
 from megatron_jam.data.instruct import DEFAULT_LOSS_ROLES, build_instruct_sequences, instruction_turns, loss_mask_path
@@ -31,7 +33,7 @@ from megatron_jam.data.text_tokenizer import TextTokenizer, add_tokenizer_args
 from megatron_jam.data.vocab import layout_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from preprocess_interleaved import RejectLog, open_inputs, reject  # noqa: E402
+from preprocess_interleaved import RejectLog, open_inputs, reject, staged_run  # noqa: E402
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -47,6 +49,8 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--vocab-layout", help="layout JSON the output must match (e.g. the pretraining shards')")
     p.add_argument("--loss-roles", nargs="+", default=list(DEFAULT_LOSS_ROLES), help="roles whose turns get loss")
     p.add_argument("--max-reject-fraction", type=float, default=0.01)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing set at --output-prefix (only once "
+                   "the new set is complete)")
     return p.parse_args(argv)
 
 
@@ -62,7 +66,10 @@ class InstructEncoder:
         for loss, items in instruction_turns(record, self.loss_roles):
             for i, (kind, value) in enumerate(items):
                 if kind == TEXT:
-                    segments.append((loss, TEXT, np.asarray(self.text.encode(value), dtype=np.int64)))
+                    ids = encode_texts(self.text, [(0, [value])])[0]  # a RejectedDocument if it cannot take it
+                    if isinstance(ids, RejectedDocument):
+                        raise ids
+                    segments.append((loss, TEXT, ids[0]))
                 elif kind == IMAGE_TOKENS:
                     segments.append((loss, IMAGE, image_codes_to_ids(value, self.layout, i)))
                 else:
@@ -74,52 +81,69 @@ class InstructEncoder:
         return build_instruct_sequences(segments, self.layout)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = get_args(argv)
-    opened = open_inputs(args)
-    if opened is None:
-        return 2
-    files, text, vq, layout = opened
-    layout.to_json(layout_path(args.output_prefix))
-    encoder, acc, flags = InstructEncoder(text, vq, layout, args.loss_roles), BatchAccumulator(layout), []
-    rejects = RejectLog(args.output_prefix)
+def encode_files(files: List[str], encoder: InstructEncoder, rejects: RejectLog):
+    """(BatchAccumulator, per-sequence loss flags) of every good record; bad ones go to `rejects`,
+    anything else is an EncodingFailure naming the file and line."""
+    acc, flags = BatchAccumulator(encoder.layout), []
     for path in files:
         folder = os.path.dirname(os.path.abspath(path))
         with open(path, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
-                try:
-                    record = json.loads(raw)
-                    sequences, modes, loss = encoder.encode(record, folder)
-                except (ValueError, UnicodeDecodeError) as e:
-                    rejects.write([reject(path, number, RejectedDocument("malformed_json", str(e)), raw)])
-                    continue
-                except (RejectedDocument, ImageError) as e:
-                    rejects.write([reject(path, number, e, raw)])
-                    continue
+                with failure_names(path, number):
+                    try:
+                        record = json.loads(raw)
+                        sequences, modes, loss = encoder.encode(record, folder)
+                    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
+                        rejects.write([reject(path, number, RejectedDocument("malformed_json", str(e)), raw)])
+                        continue
+                    except (RejectedDocument, ImageError) as e:
+                        rejects.write([reject(path, number, e, raw)])
+                        continue
                 acc.add(sequences, modes)
                 flags.extend(loss)
-    rejects.close()
+    return acc, flags
+
+
+def write_instruct(args, files: List[str], encoder: InstructEncoder, prefix: str, stage) -> dict:
+    """Layout, dataset, loss flags and rejects under the staged `prefix`; returns the summary."""
+    encoder.layout.to_json(layout_path(prefix))
+    rejects = RejectLog(prefix)
+    try:
+        acc, flags = encode_files(files, encoder, rejects)
+    finally:
+        rejects.close()
     batch = acc.batch()
-    builder = IndexedDatasetBuilder(args.output_prefix + ".bin", layout.dtype, multimodal=True)
+    builder = IndexedDatasetBuilder(prefix + ".bin", encoder.layout.dtype, multimodal=True)
     builder.add_batch(batch)
-    builder.finalize(args.output_prefix + ".idx")
-    np.save(loss_mask_path(args.output_prefix), np.asarray(flags, dtype=np.uint8))
+    builder.finalize(prefix + ".idx")
+    np.save(loss_mask_path(prefix), np.asarray(flags, dtype=np.uint8))
     loss_tokens = int(np.asarray(flags, dtype=np.int64) @ batch.sequence_lengths) if flags else 0
-    summary = {**acc.counts, "tokens": batch.num_tokens, "loss_tokens": loss_tokens, "skipped": rejects.count,
-               "skipped_by_reason": rejects.by_reason, "inputs": files, "outputs": [args.output_prefix],
-               "rejects_file": rejects.path}
-    with open(args.output_prefix + ".stats.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    return {**acc.counts, "tokens": batch.num_tokens, "loss_tokens": loss_tokens, "skipped": rejects.count,
+            "skipped_by_reason": rejects.by_reason, "inputs": files, "outputs": [args.output_prefix],
+            "rejects_file": stage.final(rejects.path)}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_args(argv)
+    opened = open_inputs(args)
+    if opened is None:
+        return 2
+    files, text, vq, layout = opened
+    encoder = InstructEncoder(text, vq, layout, args.loss_roles)
+    summary = staged_run(args, lambda prefix, stage: write_instruct(args, files, encoder, prefix, stage))
+    if summary is None:
+        return 2
+    skipped = summary["skipped"]
     print(f"documents        {summary['documents']}")
-    print(f"tokens           {summary['tokens']} ({loss_tokens} with loss)")
-    print(f"skipped          {rejects.count} {json.dumps(rejects.by_reason, sort_keys=True)}")
+    print(f"tokens           {summary['tokens']} ({summary['loss_tokens']} with loss)")
+    print(f"skipped          {skipped} {json.dumps(summary['skipped_by_reason'], sort_keys=True)}")
     print(f"outputs          {args.output_prefix}")
-    seen = summary["documents"] + rejects.count
-    if seen and rejects.count / seen > args.max_reject_fraction:
-        print(f"error: {rejects.count} of {seen} documents rejected, more than --max-reject-fraction "
-              f"{args.max_reject_fraction}; see {rejects.path}", file=sys.stderr)
+    seen = summary["documents"] + skipped
+    if seen and skipped / seen > args.max_reject_fraction:
+        print(f"error: {skipped} of {seen} documents rejected, more than --max-reject-fraction "
+              f"{args.max_reject_fraction}; see {summary['rejects_file']}", file=sys.stderr)
         return 1
     return 0
 

@@ -15,27 +15,35 @@ layout described in :mod:`megatron_jam.data.documents`. Writes::
     PREFIX.stats.json                  the summary also printed at the end
 
 Bad documents are skipped and recorded; the run fails (exit 1) only when the rejected
-fraction exceeds ``--max-reject-fraction``. Shards appear only when complete. See
-tools/README.md for the exact commands.
+fraction exceeds ``--max-reject-fraction``; an error that is not a bad document (in a
+worker too) ends the run with one line naming the file and line (exit 2). The files appear
+as one set when the run is complete (megatron_jam/data/publish.py); an existing set is
+refused unless ``--overwrite`` is given, and is replaced only then. See tools/README.md
+for the exact commands.
 """
 
 import argparse
+import collections
 import glob
 import json
 import math
 import multiprocessing
 import os
 import sys
-import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_jam.data.documents import (IMAGE, IMAGE_TOKENS, TEXT, BatchAccumulator, RejectedDocument,
-                                         build_sequences, content_items, image_codes_to_ids)
+from megatron_jam.data.documents import (IMAGE, IMAGE_TOKENS, TEXT, BatchAccumulator, EncodingFailure,
+                                         RejectedDocument, build_sequences, content_items, encode_texts,
+                                         failure_names, image_codes_to_ids)
 from megatron_jam.data.image_tokenizer import ImageError, VQImageTokenizer, load_image
-from megatron_jam.data.indexed_builder import DocumentBatch, IndexedDatasetBuilder, merge_datasets
+from megatron_jam.data.indexed_builder import DocumentBatch
+from megatron_jam.data.publish import (OutputExistsError, RejectLog, ShardWriter, StagedOutput,  # noqa: F401
+                                       check_output_prefix)
 from megatron_jam.data.text_tokenizer import TextTokenizer, add_tokenizer_args, load_text_tokenizer
 from megatron_jam.data.vocab import VocabLayout, VocabLayoutError, layout_path
 from megatron_jam.utils.logging import get_logger
@@ -61,8 +69,9 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--vocab-layout", help="existing layout JSON the output must match")
     g.add_argument("--vocab-layout-kind", choices=("appended", "native", "mixed"), default="appended",
                    help="appended: our specials and image codes after the text ids (default); native: keep the "
-                        "image parent's own ids (an Emu3 tokenizer folder as --tokenizer-model: codes, image "
-                        "markers and the Emu3 image format; see docs/data.md); mixed: text ids of the LLM's "
+                        "image parent's own ids (an Emu3, Chameleon or Lumina-mGPT model folder as "
+                        "--tokenizer-model: codes, image markers and its image format, --native-format; see "
+                        "docs/data.md); mixed: text ids of the LLM's "
                         "--tokenizer-model, the image parent's image part (--image-parent-tokenizer) re-indexed "
                         "after them, for JAM-Cross of parents with different tokenizers (docs/real_parents.md)")
     g.add_argument("--image-parent-tokenizer",
@@ -70,15 +79,21 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--image-grid", type=int, nargs=2, metavar=("H", "W"),
                    help="native and mixed: default latent grid of an image (flat image_tokens, VQ codes, generation); "
                         "default: the square of --tokens-per-image or the VQ's, else Emu3's 90 90")
+    g.add_argument("--native-format", choices=("emu3", "chameleon", "lumina"), default=None,
+                   help="native and mixed: the image parent's format (default: from its config.json model_type, "
+                        "else its tokenizer; Lumina-mGPT is told from Chameleon by its ChameleonXLLMX architecture)")
     g.add_argument("--native-specials", choices=("reserved", "appended"), default=None,
-                   help="native and mixed: CM3 sentinels, <eos_span> and <mask> on the parent's reserved <|extra_N|> "
-                        "tokens (default), or as rows appended after its vocabulary")
+                   help="native and mixed: CM3 sentinels, <eos_span> and <mask> on the parent's reserved tokens "
+                        "(Emu3 <|extra_N|>, Chameleon <reserved08900>...; default), or as rows appended after "
+                        "its vocabulary")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True)
     g.add_argument("--shard-size", type=int, default=0, help="documents (or tokens) per shard; 0 = one output")
     g.add_argument("--shard-unit", choices=("documents", "tokens"), default="documents")
     g.add_argument("--merge", action="store_true", help="merge the shards into PREFIX.bin/.idx at the end")
     g.add_argument("--durable", action="store_true", help="fsync shards before publishing them")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing set at --output-prefix (its files "
+                   "are removed only once the new set is complete; without this flag an existing set is refused)")
     g.add_argument("--max-reject-fraction", type=float, default=0.01)
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes (1 = in-process)")
@@ -130,8 +145,8 @@ def build_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optional[VQI
 def build_native_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optional[VQImageTokenizer],
                         reference: Optional[VocabLayout] = None) -> VocabLayout:
     """--vocab-layout-kind native (or a native --vocab-layout, e.g. for tools/preprocess_instruct.py): the
-    image parent's own ids, from its tokenizer folder (Emu3)."""
-    from megatron_jam.data.native_vocab import EMU3_DEFAULT_GRID, emu3_layout
+    image parent's own ids, from its tokenizer folder (Emu3, Chameleon, Lumina-mGPT)."""
+    from megatron_jam.data.native_vocab import native_layout
 
     if text.type != "HuggingFaceTokenizer":
         raise ValueError(f"--vocab-layout-kind native needs the parent's Hugging Face tokenizer folder as "
@@ -142,11 +157,12 @@ def build_native_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optio
     per_image = vq.tokens_per_image if vq is not None and not own_size else args.tokens_per_image
     side = math.isqrt(per_image) if per_image else 0
     grid = getattr(args, "image_grid", None) or (reference.image_grid if reference is not None else None) or (
-        (side, side) if per_image and side * side == per_image else EMU3_DEFAULT_GRID)
+        (side, side) if per_image and side * side == per_image else None)  # None: the parent's default grid
     specials = getattr(args, "native_specials", None) or (
         "appended" if reference is not None and reference.appended_specials else "reserved")
-    layout = emu3_layout(args.tokenizer_model, num_sentinels=args.num_sentinels, image_grid=grid,
-                         specials=specials, image_tokenizer=vq.identity if vq is not None else "")
+    fmt = getattr(args, "native_format", None) or (reference.image_format if reference is not None else None)
+    layout = native_layout(args.tokenizer_model, fmt, num_sentinels=args.num_sentinels, image_grid=grid,
+                           specials=specials, image_tokenizer=vq.identity if vq is not None else "")
     if vq is not None and vq.codebook_size != layout.codebook_size:
         raise ValueError(f"--image-tokenizer {args.image_tokenizer} has {vq.codebook_size} codes but the tokenizer "
                          f"{args.tokenizer_model} has {layout.codebook_size} image code tokens: not this parent's VQ")
@@ -155,7 +171,7 @@ def build_native_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optio
         actual = layout.codebook_size if flag == "--codebook-size" else layout.tokens_per_image
         if given is not None and given != actual:
             raise ValueError(f"{flag} {given} (or the VQ model's) disagrees with the native layout's {actual} "
-                             f"(tokenizer {args.tokenizer_model}, --image-grid {list(grid)})")
+                             f"(tokenizer {args.tokenizer_model}, --image-grid {list(layout.image_grid)})")
     return layout
 
 
@@ -184,7 +200,8 @@ def build_mixed_layout(args: argparse.Namespace, text: TextTokenizer, vq: Option
             "appended" if reference is not None and reference.appended_specials else "reserved")
         layout = mixed_layout(args.tokenizer_model, parent, llm_tokenizer_type=text.type,
                               num_sentinels=args.num_sentinels, image_grid=grid, specials=specials,
-                              image_tokenizer=vq.identity if vq is not None else "")
+                              image_tokenizer=vq.identity if vq is not None else "",
+                              image_format=getattr(args, "native_format", None))
         if reference is not None:
             layout.check_compatible(reference, "this run", args.vocab_layout)
     for flag, given, actual in (("--codebook-size", vq.codebook_size if vq is not None else args.codebook_size,
@@ -206,29 +223,41 @@ class Encoder:
         self.vq = VQImageTokenizer(config["image_tokenizer"]) if config["image_tokenizer"] else None
 
     def encode_chunk(self, task: Tuple[str, int, List[bytes]]) -> Tuple[DocumentBatch, Dict[str, int], List[dict]]:
+        """Bad documents become rejects; any other error becomes an EncodingFailure naming the file and
+        line(s), so that it reaches the parent (from a worker process too) as one line, not a traceback."""
         path, first_line, lines = task
+        try:
+            return self._encode_chunk(path, first_line, lines)
+        except EncodingFailure:
+            raise
+        except Exception as e:
+            raise EncodingFailure(f"{path} lines {first_line}-{first_line + len(lines) - 1}: "
+                                  f"{type(e).__name__}: {e}") from e
+
+    def _encode_chunk(self, path: str, first_line: int, lines: List[bytes]):
         acc, rejects, docs = BatchAccumulator(self.layout), [], []
         for k, raw in enumerate(lines):
             if not raw.strip():
                 continue
-            try:
-                record = json.loads(raw)
-                docs.append((first_line + k, record, content_items(record, self.json_keys)))
-            except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-                rejects.append(reject(path, first_line + k, RejectedDocument("malformed_json", str(e)), raw))
-            except RejectedDocument as e:
-                rejects.append(reject(path, first_line + k, e, raw))
-        texts = [v for _, _, items in docs for kind, v in items if kind == TEXT]
-        encoded = iter(self.text.encode_batch(texts))  # one thread: parallelism = --workers
+            with failure_names(path, first_line + k):
+                try:
+                    record = json.loads(raw)
+                    docs.append((first_line + k, record, content_items(record, self.json_keys)))
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError: a ValueError
+                    rejects.append(reject(path, first_line + k, RejectedDocument("malformed_json", str(e)), raw))
+                except RejectedDocument as e:
+                    rejects.append(reject(path, first_line + k, e, raw))
+        texts = encode_texts(self.text, [(line, [v for kind, v in items if kind == TEXT]) for line, _, items in docs])
         grids = self._encode_images(docs, os.path.dirname(os.path.abspath(path)))
         for line, record, items in docs:
-            text_ids = [np.asarray(next(encoded), dtype=np.int64) for kind, _ in items if kind == TEXT]
-            try:
-                if isinstance(grids.get(line), Exception):
-                    raise grids[line]
-                acc.add(*build_sequences(self._segments(items, text_ids, grids.get(line, [])), self.layout))
-            except (RejectedDocument, ImageError) as e:
-                rejects.append(reject(path, line, e, None, record))
+            with failure_names(path, line):
+                try:
+                    for found in (texts[line], grids.get(line)):
+                        if isinstance(found, Exception):
+                            raise found
+                    acc.add(*build_sequences(self._segments(items, texts[line], grids.get(line, [])), self.layout))
+                except (RejectedDocument, ImageError) as e:
+                    rejects.append(reject(path, line, e, None, record))
         return acc.batch(), acc.counts, rejects
 
     def _encode_images(self, docs: List[Tuple[int, Any, List[Tuple[str, Any]]]], folder: str) -> Dict[int, Any]:
@@ -326,119 +355,55 @@ def expand_inputs(patterns: List[str]) -> List[str]:
     return files
 
 
-def iter_tasks(files: List[str], chunk_lines: int, gate: threading.Semaphore) -> Iterator[Tuple[str, int, list]]:
-    """(file, first line number, raw lines) chunks; `gate` bounds how many are in flight."""
+def iter_tasks(files: List[str], chunk_lines: int) -> Iterator[Tuple[str, int, list]]:
+    """(file, first line number, raw lines) chunks, read lazily (the caller bounds what is in flight)."""
     for path in files:
         with open(path, "rb") as f:
             lines, first = [], 1
             for number, line in enumerate(f, start=1):
                 lines.append(line)
                 if len(lines) == chunk_lines:
-                    gate.acquire()
                     yield path, first, lines
                     lines, first = [], number + 1
             if lines:
-                gate.acquire()
                 yield path, first, lines
 
 
-# --------------------------------------------------------------------------- output
-class ShardWriter:
-    """Writes DocumentBatches into one output or into shards of `shard_size` documents/tokens."""
+def encode_in_pool(tasks: Iterator[tuple], workers: int, config: Dict[str, Any]) -> Iterator[tuple]:
+    """Results of `tasks` in order from `workers` processes, at most 4 x workers + 4 chunks in flight.
 
-    def __init__(self, prefix: str, dtype: Any, shard_size: int, unit: str, durable: bool) -> None:
-        self.prefix, self.dtype, self.shard_size, self.unit, self.durable = prefix, dtype, shard_size, unit, durable
-        self.shards: List[str] = []
-        self.builder: Optional[IndexedDatasetBuilder] = None
-        self.filled = 0
-
-    def _open(self) -> None:
-        name = self.prefix if not self.shard_size else f"{self.prefix}_{len(self.shards):05d}"
-        self.shards.append(name)
-        self.builder = IndexedDatasetBuilder(name + ".bin", self.dtype, multimodal=True, durable=self.durable)
-        self.filled = 0
-
-    def _close(self) -> None:
-        self.builder.finalize(self.shards[-1] + ".idx")
-        self.builder = None
-
-    def _room(self, batch: DocumentBatch) -> int:
-        """How many documents of `batch` fit into the current shard."""
-        left = self.shard_size - self.filled
-        if self.unit == "documents":
-            return left
-        starts = np.concatenate([[0], np.cumsum(batch.document_lengths)[:-1]]).astype(np.int64)
-        seq_tokens = np.concatenate([[0], np.cumsum(batch.sequence_lengths)])
-        doc_tokens = seq_tokens[starts + batch.document_lengths] - seq_tokens[starts]
-        return int(np.searchsorted(np.cumsum(doc_tokens), left, side="left")) + 1
-
-    def add_batch(self, batch: DocumentBatch) -> None:
-        while batch.num_documents:
-            if self.builder is None:
-                self._open()
-            if not self.shard_size:
-                self.builder.add_batch(batch)
-                return
-            head, batch = batch.split(self._room(batch))
-            self.builder.add_batch(head)
-            self.filled += head.num_documents if self.unit == "documents" else head.num_tokens
-            if self.filled >= self.shard_size:
-                self._close()
-
-    def finish(self, merge: bool) -> List[str]:
-        """Finalize; a single shard is renamed to PREFIX, `merge` joins several into PREFIX."""
-        if self.builder is None and not self.shards:
-            self._open()
-        if self.builder is not None:
-            self._close()
-        if self.shard_size and len(self.shards) == 1:
-            publish_rename(self.shards[0], self.prefix)
-            self.shards = [self.prefix]
-        elif merge and len(self.shards) > 1:
-            merge_datasets(self.shards, self.prefix, multimodal=True, durable=self.durable)
-            for shard in self.shards:
-                os.remove(shard + ".idx")
-                os.remove(shard + ".bin")
-            self.shards = [self.prefix]
-        return self.shards
-
-    def abort(self) -> None:
-        if self.builder is not None:
-            self.builder.abort()
+    Why a ProcessPoolExecutor and not multiprocessing.Pool.imap: a worker's exception (an
+    EncodingFailure naming file and line) reaches the parent as that exception, a worker that dies
+    (killed, out of memory) is a BrokenProcessPool instead of a silent hang, and on any error the
+    pending chunks are cancelled (Pool.terminate used to wait forever on a feeder thread blocked
+    by the in-flight bound)."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    window: collections.deque = collections.deque()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(config,)) as pool:
+        try:
+            for task in tasks:
+                window.append((task, pool.submit(_encode_in_worker, task)))
+                if len(window) >= 4 * workers + 4:
+                    yield _pool_result(window)
+            while window:
+                yield _pool_result(window)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
-def publish_rename(src: str, dst: str) -> None:
-    """Move dataset src -> dst so that dst.idx never describes another .bin."""
-    if os.path.exists(dst + ".idx"):
-        os.remove(dst + ".idx")
-    os.replace(src + ".bin", dst + ".bin")
-    os.replace(src + ".idx", dst + ".idx")
-
-
-class RejectLog:
-    """Streams rejects to PREFIX.rejects.jsonl (published at close) and counts them by reason."""
-
-    def __init__(self, prefix: str) -> None:
-        self.path = prefix + ".rejects.jsonl"
-        self.tmp = f"{self.path}.tmp-{os.getpid()}"
-        self.file = open(self.tmp, "w", encoding="utf-8")
-        self.by_reason: Dict[str, int] = {}
-
-    def write(self, entries: List[dict]) -> None:
-        for entry in entries:
-            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            self.by_reason[entry["reason"]] = self.by_reason.get(entry["reason"], 0) + 1
-
-    @property
-    def count(self) -> int:
-        return sum(self.by_reason.values())
-
-    def close(self, publish: bool = True) -> None:
-        self.file.close()
-        if publish:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
+def _pool_result(window: collections.deque) -> tuple:
+    """The oldest chunk's result. A dead worker process fails every chunk in flight, so the one-line
+    EncodingFailure names all their lines (the one that killed it is among them)."""
+    task, future = window.popleft()
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        (path, first, _), (last_path, last_first, last_lines) = task, (window[-1][0] if window else task)
+        end = last_first + len(last_lines) - 1
+        span = f"{path} lines {first}-{end}" if last_path == path else f"{path} line {first} to {last_path} line {end}"
+        raise EncodingFailure(f"{span}: a worker process died (killed, or out of memory?) while encoding these "
+                              f"lines: {e}") from e
 
 
 # --------------------------------------------------------------------------- main
@@ -472,29 +437,18 @@ class Progress:
 def run_encoding(args: argparse.Namespace, files: List[str], config: Dict[str, Any], writer: ShardWriter,
                  rejects: RejectLog) -> Dict[str, Any]:
     totals = dict.fromkeys(COUNTERS, 0)
-    gate = threading.Semaphore(4 * args.workers + 4)
-    tasks = iter_tasks(files, args.chunk_size, gate)
+    tasks = iter_tasks(files, args.chunk_size)
     progress = Progress(args.log_interval, not args.no_progress_bar)
-    pool = None
     if args.workers > 1:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(config,))
-        results = pool.imap(_encode_in_worker, tasks, chunksize=1)
+        results = encode_in_pool(tasks, args.workers, config)
     else:
-        encoder = Encoder(config)
-        results = map(encoder.encode_chunk, tasks)
-    try:
-        for batch, counts, bad in results:
-            gate.release()
-            writer.add_batch(batch)
-            rejects.write(bad)
-            for key in COUNTERS:
-                totals[key] += counts[key]
-            progress.update(counts["documents"], batch.num_tokens)
-    finally:
-        if pool is not None:
-            pool.terminate()
+        results = map(Encoder(config).encode_chunk, tasks)
+    for batch, counts, bad in results:
+        writer.add_batch(batch)
+        rejects.write(bad)
+        for key in COUNTERS:
+            totals[key] += counts[key]
+        progress.update(counts["documents"], batch.num_tokens)
     totals["elapsed_s"] = progress.close()
     return totals
 
@@ -508,18 +462,60 @@ def summarize(totals: Dict[str, Any], rejects: RejectLog, shards: List[str], fil
 
 
 def open_inputs(args):
-    """(input files, text tokenizer, VQ tokenizer or None, layout); prints and returns None
-    on a bad flag or file (the caller exits 2). Shared with tools/preprocess_instruct.py."""
+    """(input files, text tokenizer, VQ tokenizer or None, layout); prints and returns None on a bad
+    flag or file, or an existing output set without --overwrite (the caller exits 2). Shared with
+    tools/preprocess_instruct.py."""
     try:
+        check_output_prefix(args.output_prefix, args.overwrite)  # before minutes of tokenizer loading
         files = expand_inputs(args.input)
         text = load_text_tokenizer(args.tokenizer_model, args.tokenizer_type)
         vq = VQImageTokenizer(args.image_tokenizer) if args.image_tokenizer else None
         layout = build_layout(args, text, vq)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     except (ValueError, OSError, VocabLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     return files, text, vq, layout
+
+
+def staged_run(args: argparse.Namespace, write) -> Optional[Dict[str, Any]]:
+    """`write(staged_prefix, stage)` -> summary, into a staging folder published as one set at the end
+    (megatron_jam/data/publish.py); None after an EncodingFailure or a set that appeared meanwhile
+    (printed, the caller exits 2). Any failure leaves the old set, if any, as it was."""
+    try:
+        stage = StagedOutput(args.output_prefix, durable=getattr(args, "durable", False))
+    except OSError as e:  # an unwritable output folder
+        print(f"error: --output-prefix {args.output_prefix}: {e}", file=sys.stderr)
+        return None
+    try:
+        summary = write(stage.prefix, stage)
+        with open(stage.prefix + ".stats.json", "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        stage.publish(args.overwrite)
+    except (EncodingFailure, OutputExistsError) as e:
+        stage.abort()
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    except BaseException:
+        stage.abort()
+        raise
+    return summary
+
+
+def write_interleaved(args: argparse.Namespace, files: List[str], config: Dict[str, Any], layout: VocabLayout,
+                      prefix: str, stage: StagedOutput) -> Dict[str, Any]:
+    """Layout, shards and rejects of the whole input under the staged `prefix`; returns the summary."""
+    layout.to_json(layout_path(prefix))
+    writer = ShardWriter(prefix, layout.dtype, args.shard_size, args.shard_unit, args.durable)
+    rejects = RejectLog(prefix)
+    try:
+        totals = run_encoding(args, files, config, writer, rejects)
+        shards = writer.finish(args.merge)
+    finally:
+        writer.abort()  # no-op once finished
+        rejects.close()
+    summary = summarize(totals, rejects, [stage.final(s) for s in shards], files)
+    return {**summary, "rejects_file": stage.final(rejects.path)}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -531,26 +527,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = {"tokenizer_model": args.tokenizer_model, "tokenizer_type": text.type,
               "image_tokenizer": args.image_tokenizer,
               "layout": layout.to_dict(), "json_keys": args.json_keys}
-    layout.to_json(layout_path(args.output_prefix))  # first: shards finished before an interruption are usable
-    writer = ShardWriter(args.output_prefix, layout.dtype, args.shard_size, args.shard_unit, args.durable)
-    rejects = RejectLog(args.output_prefix)
-    try:
-        totals = run_encoding(args, files, config, writer, rejects)
-        shards = writer.finish(args.merge)
-    except BaseException:
-        writer.abort()
-        rejects.close(publish=False)
-        raise
-    rejects.close()
-    summary = summarize(totals, rejects, shards, files)
-    with open(args.output_prefix + ".stats.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    summary = staged_run(args, lambda prefix, stage: write_interleaved(args, files, config, layout, prefix, stage))
+    if summary is None:
+        return 2
     print_summary(summary)
     seen = summary["documents"] + summary["skipped"]
     if seen and summary["skipped"] / seen > args.max_reject_fraction:
         print(f"error: {summary['skipped']} of {seen} documents rejected ({summary['skipped'] / seen:.1%}), more than "
               f"--max-reject-fraction {args.max_reject_fraction}; the {summary['documents']} good documents were "
-              f"written, see {rejects.path} for the reasons", file=sys.stderr)
+              f"written, see {summary['rejects_file']} for the reasons", file=sys.stderr)
         return 1
     return 0
 

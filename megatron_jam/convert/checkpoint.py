@@ -36,11 +36,10 @@ PADDED_ROWS = (EMB, OUT)
 
 def ensure_single_rank(seed: int = 1234) -> None:
     """A one-process gloo world at TP=1, PP=1 (reuses an existing one-rank world)."""
-    from megatron_jam.parallel.initialize import initialize_model_parallel
-    from megatron_jam.testing.distributed import _free_port
+    from megatron_jam.parallel.initialize import free_port, initialize_model_parallel
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if dist.get_world_size() != 1:
         raise ConvertError(f"conversion runs in one process; this world has {dist.get_world_size()} ranks")
     initialize_model_parallel(1, 1, seed=seed)
@@ -69,6 +68,8 @@ class CheckpointWriter:
     on error. `convert_part(part)` returns the canonical tensors of one part (see `common.part_of`)."""
 
     def __init__(self, cfg, save: str, bf16: bool = False):
+        if os.path.exists(save) and not os.path.isdir(save):
+            raise ConvertError(f"--save {save} is a file, not a folder")
         if os.path.exists(save) and os.listdir(save):
             raise ConvertError(f"--save {save} exists and is not empty; choose a new folder")
         self.cfg, self.save = cfg, save
@@ -108,13 +109,14 @@ class CheckpointWriter:
         return self.save
 
 
-def load_checkpoint(chunks: list, path: str) -> None:
+def load_checkpoint(chunks: list, path: str, iteration: int | None = None) -> None:
     """Load a checkpoint's model weights into this rank's chunks (any TP/PP layout); `path` is a
-    converted checkpoint or a training `--save` directory (its latest complete iteration). The
-    trainer's loader with `--finetune` semantics: one model-only loading path for every tool."""
+    converted checkpoint or a training `--save` directory (its latest complete iteration, or `iteration`:
+    `--ckpt-step`). The trainer's loader with `--finetune` semantics: one model-only loading path for
+    every tool."""
     from megatron_jam.training.checkpointing import load_checkpoint as load_run
 
-    load_run(path, chunks, finetune=True)
+    load_run(path, chunks, finetune=True, iteration=iteration)
 
 
 def load_state_on_one_rank(path: str, cfg) -> dict[str, Tensor]:

@@ -27,10 +27,24 @@ QKV_W = "self_attention.linear_qkv.weight"
 QKV_B = "self_attention.linear_qkv.bias"
 FC1_W = "mlp.linear_fc1.weight"
 FC1_B = "mlp.linear_fc1.bias"
+Q_NORM = "self_attention.q_layernorm."
+K_NORM = "self_attention.k_layernorm."
+"""Chameleon's per-head q/k LayerNorm: weight and bias `[heads, head_dim]` / `[query groups, head_dim]`."""
+PRE_NORMS = ("input_layernorm.", "pre_mlp_layernorm.")
+SWIN_NORMS = ("self_attention.linear_proj.norm.", "mlp.linear_fc2.norm.")
+"""The swin layer's norms after attention and after the MLP (`models.norms.post_norm_linear`)."""
 
 
 class ConvertError(ValueError):
     """A conversion that cannot proceed; the message names the tensor, file and shapes involved."""
+
+
+def check_finite(t: Tensor, name: str, where: str) -> None:
+    """Refuse a parent tensor with NaN or Inf values: a merge would spread them silently into a model
+    that trains to NaN (checked as each part is read, so the whole parent is never in memory)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise ConvertError(f"{where}: tensor {name} has {nan} NaN and {inf} Inf values; refusing to convert it")
 
 
 def layer_prefix(i: int) -> str:
@@ -87,9 +101,12 @@ def megatron_shapes(p, vocab_size: int) -> dict[str, tuple]:
         shapes |= {QKV_B: ((h + 2 * g) * hd,), "self_attention.linear_proj.bias": (d,),
                    FC1_B: (f * (2 if gated else 1),), "mlp.linear_fc2.bias": (d,)}
     if p.learnable_norm:
-        norms = ["input_layernorm.", "pre_mlp_layernorm.", FINAL]
+        norms = [*(SWIN_NORMS if p.swin_norm else PRE_NORMS), FINAL]
         kinds = ["weight", "bias"] if p.family == "opt" else ["weight"]
         shapes |= {n + k: (d,) for n in norms for k in kinds}
+    if p.qk_layernorm:
+        shapes |= {norm + kind: (heads, hd) for norm, heads in ((Q_NORM, h), (K_NORM, g))
+                   for kind in ("weight", "bias")}
     return shapes
 
 
@@ -131,7 +148,7 @@ class RowTable(abc.ABC):
     def __getitem__(self, index) -> Tensor:
         if not self.shape:  # a scalar: t[:] is the whole tensor
             out = torch.empty((), dtype=self.dtype)
-            self._read_into(out, 0)
+            self._read(out, 0)
             return out
         if isinstance(index, int):
             return self[index: index + 1][0] if index >= 0 else self[len(self) + index]
@@ -140,13 +157,17 @@ class RowTable(abc.ABC):
             raise IndexError(f"{self.name}: only contiguous row slices are read")
         out = torch.empty((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
         if out.numel():
-            self._read_into(out, start)
+            self._read(out, start)
         return out
 
     def read_into(self, out: Tensor) -> None:
         """All rows into `out[:len(self)]` (contiguous), e.g. the head of a zero-padded table."""
         if len(self):
-            self._read_into(out[: len(self)], 0)
+            self._read(out[: len(self)], 0)
+
+    def _read(self, out: Tensor, first_row: int) -> None:
+        self._read_into(out, first_row)
+        check_finite(out, self.name, getattr(self, "path", "parent"))
 
     @abc.abstractmethod
     def _read_into(self, out: Tensor, first_row: int) -> None:

@@ -17,16 +17,11 @@ export. Image codes live inside the vocabulary (151,854 + c in the released
 models), so the vocabulary rows are taken whole, as for any parent.
 """
 
-import os
-
 from megatron_jam.convert import hf_llama
 from megatron_jam.convert.common import ConvertError
 from megatron_jam.convert.hf_family import HFFamily
-from megatron_jam.convert.vq import IMAGE_TOKENIZER_DIR, ImageTokenizerSource, copy_tensors, read_image_tokenizer
+from megatron_jam.convert.vq import ImageTokenizerSource, embedded_image_tokenizer, export_image_tokenizer
 from megatron_jam.models.config import ParentConfig
-from megatron_jam.utils.logging import get_logger, log_rank0
-
-logger = get_logger(__name__)
 
 ARCHITECTURE = "Emu3ForConditionalGeneration"
 VQ_MODEL_TYPE = "emu3_vqgan"
@@ -84,7 +79,7 @@ def merge_base(hf: dict) -> dict:
     return dict(hf)
 
 
-def family_for(keys, where: str) -> HFFamily:
+def family_for(keys, where: str, hf: dict | None = None) -> HFFamily:
     """The key layout of a checkpoint holding `keys`; ConvertError when it is neither."""
     found = [name for name, (prefixes, _) in LAYOUTS.items() if any(k.startswith(prefixes["model."]) for k in keys)]
     if len(found) != 1:
@@ -96,32 +91,9 @@ def family_for(keys, where: str) -> HFFamily:
 
 def image_tokenizer(hf: dict, files: dict[str, str], path: str) -> ImageTokenizerSource | None:
     """The VQ-VAE stored with the language model (`vqmodel.*` or `model.vqmodel.*`), or None."""
-    tensors = {}
-    for _, vq_prefix in LAYOUTS.values():
-        tensors |= {k[len(vq_prefix):]: (os.path.join(path, f), k) for k, f in files.items() if k.startswith(vq_prefix)}
-    if not tensors:
-        return None
-    return ImageTokenizerSource(vq_config(hf), tensors, path)
-
-
-def vq_config(hf: dict) -> dict:
-    """An Emu3VQVAEConfig dict (config.json of the image-tokenizer folder) from an Emu3 config."""
-    cfg = dict(hf.get("vq_config") or {})
-    if "dtype" in hf and "dtype" not in cfg:
-        cfg["dtype"] = hf["dtype"]
-    return cfg | {"model_type": VQ_MODEL_TYPE, "architectures": ["Emu3VQVAE"]}
+    return embedded_image_tokenizer(hf, files, path, [vq for _, vq in LAYOUTS.values()], VQ_MODEL_TYPE, "Emu3VQVAE")
 
 
 def export_extras(load: str, out_dir: str, hf_cfg: dict) -> tuple[dict, dict[str, str]]:
-    """Put the VQ-VAE back: (config with the folder's vq_config, {tensor: file} to add to the index)."""
-    src = read_image_tokenizer(os.path.join(load, IMAGE_TOKENIZER_DIR))
-    if src is None:
-        log_rank0(logger, "%s has no %s/: the export has no vqmodel.* tensors (Emu3ForConditionalGeneration "
-                  "will initialise its VQ-VAE randomly); copy the parent's vqmodel.* in to encode images",
-                  load, IMAGE_TOKENIZER_DIR)
-        return hf_cfg, {}
-    vq = {k: v for k, v in src.config.items() if k not in ("architectures", "transformers_version")}
-    copy_tensors({"vqmodel." + k: t for k, t in src.tensors.items()}, os.path.join(out_dir, VQ_FILE))
-    log_rank0(logger, "put the VQ-VAE of %s (%d tensors) back as vqmodel.* (%s)", src.where, len(src.tensors),
-              VQ_FILE)
-    return hf_cfg | {"vq_config": vq}, {"vqmodel." + k: VQ_FILE for k in src.tensors}
+    """Put the VQ-VAE back as vqmodel.* (`vq.export_image_tokenizer`)."""
+    return export_image_tokenizer(load, out_dir, hf_cfg, "vqmodel.", VQ_FILE, ARCHITECTURE)

@@ -1,4 +1,4 @@
-"""The rename engine shared by the Hugging Face family modules (`hf_llama`, `hf_opt`, `hf_emu3`).
+"""The rename engine shared by the Hugging Face family modules (`hf_llama`, `hf_opt`, `hf_emu3`, `hf_chameleon`).
 
 A family module describes its checkpoint as data -- which HF tensor is which
 Megatron tensor, which three HF tensors form the fused QKV, which two form a
@@ -38,6 +38,9 @@ class HFFamily:
     """Megatron key -> HF shape, where they differ (OPT's offset positions)."""
     to_megatron_fix: Callable[[dict], dict] = lambda sd: sd
     to_hf_fix: Callable[[dict, ParentConfig], dict] = lambda sd, p: sd
+    read_fix: Callable[[str, Tensor, ParentConfig, str], Tensor] = lambda name, t, p, where: t
+    """(HF layer-relative name, tensor, config, where) -> the tensor in the layout `layer_map` expects, before
+    its shape is checked (Chameleon's q/k norms stored per model-parallel shard)."""
 
     def with_prefixes(self, name: str, prefixes: dict[str, str]) -> "HFFamily":
         """The same family under other HF key prefixes ({old: new}, first match wins), e.g. a Llama
@@ -100,7 +103,7 @@ class HFFamily:
         get = _getter(hf, pre, used, where)
         out = {}
         for hk, mk in self.layer_map(p).items():
-            t = get(hk)
+            t = self.read_fix(pre + hk, get(hk), p, where)
             _check(pre + hk, t, shapes[mk], where)
             out[mpre + mk] = t
         for (qn, kn, vn), mk in self.qkv_map(p):

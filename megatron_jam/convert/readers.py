@@ -16,17 +16,18 @@ import struct
 import torch
 from torch import Tensor
 
-from megatron_jam.convert import hf_emu3, hf_llama, hf_opt
+from megatron_jam.convert import hf_chameleon, hf_emu3, hf_llama, hf_opt
 from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError, RowTable
 from megatron_jam.convert.vq import IMAGE_TOKENIZER_DIR, ImageTokenizerSource, read_image_tokenizer
 from megatron_jam.models.config import ParentConfig
 
-FAMILIES = {"llama": hf_llama, "opt": hf_opt, "emu3": hf_emu3}
+FAMILIES = {"llama": hf_llama, "opt": hf_opt, "emu3": hf_emu3, "chameleon": hf_chameleon}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 class HFParent:
-    """A Hugging Face `LlamaForCausalLM` / `OPTForCausalLM` / `Emu3ForConditionalGeneration` folder:
+    """A Hugging Face `LlamaForCausalLM` / `OPTForCausalLM` / `Emu3ForConditionalGeneration` /
+    `ChameleonForConditionalGeneration` folder:
     config.json + *.safetensors."""
 
     def __init__(self, path: str):
@@ -43,7 +44,7 @@ class HFParent:
         self.cfg, self.vocab_size, self.tied = self.module.parent_config(self.hf_config, where=cfg_path)
         self._files = _index_safetensors(path)
         pick = getattr(self.module, "family_for", None)  # families with more than one key layout
-        self.family = pick(self._files, path) if pick else self.module.FAMILY
+        self.family = pick(self._files, path, self.hf_config) if pick else self.module.FAMILY
 
     @property
     def source(self) -> str:
@@ -185,14 +186,31 @@ def read_safetensors(path: str, names: list[str], lazy: set[str] = frozenset()) 
 
     Why not `safe_open`: it memory-maps the file, and mapped pages a tensor is copied from count
     in the process's resident memory until the file is closed, doubling a part's footprint."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    header, n = read_safetensors_header(path)
     out = {}
     for name in names:
         rows = Rows(path, name, header.get(name), 8 + n)
         out[name] = rows if name in lazy else rows[:]
     return out
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """(header, header length) of a .safetensors file, checked against the file's size: a truncated or
+    overwritten file is a `ConvertError` naming it, before any tensor is read."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ConvertError(f"{path}: not a safetensors file or truncated ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ConvertError(f"{path}: unreadable safetensors header ({e})") from None
+    ends = [m["data_offsets"][1] for k, m in header.items() if isinstance(m, dict) and "data_offsets" in m]
+    if 8 + n + max(ends, default=0) > size:
+        raise ConvertError(f"{path}: the file is truncated ({size} bytes; its header needs {8 + n + max(ends)})")
+    return header, n
 
 
 class Rows(RowTable):
@@ -236,8 +254,6 @@ def tokenizer_identity(path: str) -> str:
 
 def _index_safetensors(path: str) -> dict[str, str]:
     """Tensor name -> safetensors file name (from model.safetensors.index.json, or by listing)."""
-    from safetensors import safe_open
-
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -249,6 +265,6 @@ def _index_safetensors(path: str) -> dict[str, str]:
         raise ConvertError(f"{path}: no *.safetensors files{hint}")
     out = {}
     for fname in files:
-        with safe_open(os.path.join(path, fname), framework="pt") as f:
-            out |= {k: fname for k in f.keys()}
+        header, _ = read_safetensors_header(os.path.join(path, fname))
+        out |= {k: fname for k in header if k != "__metadata__"}
     return out

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from megatron_jam.convert.common import ConvertError, RowTable
+from megatron_jam.convert.common import ConvertError, RowTable, check_finite
 
 Part = int | str | tuple
 """A part of a model: 'embedding', a layer index, 'final', or a tuple naming a new block."""
@@ -264,8 +264,9 @@ def load_parts(sharded: dict, keys: Iterable[str], path: str) -> dict[str, Tenso
     A layer tensor is stored as one slice of a stacked [layers, ...] tensor; Megatron's loader asks for
     every slice a rank holds, so each requested slice is presented as its own shard of the stack
     (`_unprepend`), which PyTorch's reader cuts out of the stored tensor."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    from megatron_jam.utils import safe_checkpoint
 
     buffers, views, wanted = {}, {}, {}
     for k in keys:
@@ -276,10 +277,12 @@ def load_parts(sharded: dict, keys: Iterable[str], path: str) -> dict[str, Tenso
         for i, sh in enumerate(_sharded_tensors(sub[k])):
             wanted[f"{k}#{i}"] = _unprepend(sh)
             views[f"{k}#{i}"] = sh.data
-    loaded = dist_checkpointing.load(wanted, path, validate_access_integrity=False)  # a subset on purpose
+    loaded = safe_checkpoint.load(wanted, path, validate_access_integrity=False)  # a subset on purpose
     for name, view in views.items():
         if loaded[name].data_ptr() != view.data_ptr():
             view.copy_(loaded[name].reshape(view.shape))
+    for k, t in buffers.items():
+        check_finite(t, k, path)
     return buffers
 
 
@@ -301,12 +304,13 @@ class CheckpointRows(RowTable):
         self.dtype = entry.dtype
 
     def _read_into(self, out: Tensor, first_row: int) -> None:
-        from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        from megatron_jam.utils import safe_checkpoint
 
         shard = ShardedTensor(key=self.entry.key, data=out, dtype=self.dtype, local_shape=tuple(out.shape),
                               global_shape=self.entry.global_shape, global_offset=(first_row, 0),
                               axis_fragmentations=None, replica_id=0)
-        loaded = dist_checkpointing.load({"rows": shard}, self.path, validate_access_integrity=False)["rows"]
+        loaded = safe_checkpoint.load({"rows": shard}, self.path, validate_access_integrity=False)["rows"]
         if loaded.data_ptr() != out.data_ptr():
             out.copy_(loaded)

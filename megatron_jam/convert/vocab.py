@@ -28,6 +28,7 @@ model's. LLM rows beyond T (often padding) are dropped and reported.
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,10 +58,30 @@ class VocabPlan:
     img_ranges: tuple = ()
     """Mixed tokenizers (JAM-Cross only): (id, image-model row, count) ranges of the rows after T; rows
     [0, T) are the LLM's, rows no range covers are zero."""
+    img_only: tuple = ()
+    """Native layouts: the [start, stop) row ranges of the image codes, which only the image model's rows
+    give (every other row is in both parents: Chameleon's codes sit at 4..8195, before its text); empty:
+    [T, V), the appended layout's rule."""
 
     def describe(self, method: str) -> dict:
         rule = MIXED_RULE if self.img_ranges else RULES[method]
-        return asdict(self) | {"rule": rule, "llm_rows_dropped": max(0, self.llm_rows - self.text_rows)}
+        if self.img_only:
+            rule = rule.replace("rows [0, T)", "rows outside img_only").replace("rows [T, V)", "img_only rows")
+        return asdict(self) | {"rule": rule, "llm_rows_dropped": max(0, self.llm_rows - self.both_rows)}
+
+    def segments(self) -> list[tuple[int, int, bool]]:
+        """(start, stop, in both parents) row ranges covering [0, V)."""
+        out, at = [], 0
+        for a, b in self.img_only or ((self.text_rows, self.vocab_size),):
+            out += [(at, a, True)] if at < a else []
+            out.append((a, b, False))
+            at = b
+        return out + ([(at, self.vocab_size, True)] if at < self.vocab_size else [])
+
+    @property
+    def both_rows(self) -> int:
+        """Rows the LLM must have: up to the last row both parents give."""
+        return max((b for _, b, both in self.segments() if both), default=0)
 
     def fuse(self, llm: Tensor, img: Tensor, both: Callable[[Tensor, Tensor], Tensor],
              img_only: Callable[[Tensor], Tensor], rows: int | None = None) -> Tensor:
@@ -68,17 +89,17 @@ class VocabPlan:
         rows up to `rows` (the model's padded vocabulary). Row-wise rules, applied in slices of rows
         and written into one output: the only full-size tensor made is the result. `llm` and `img`
         are tensors or `readers.Rows` (tables still on disk, read a slice at a time)."""
-        t, v = self.text_rows, self.vocab_size
         step = max(1, ROW_SLICE_ELEMENTS // max(1, llm[0].numel()))
         if self.img_ranges:
             return self._fuse_mixed(llm, img, img_only, rows, step)
-        first = both(llm[: min(step, t)], img[: min(step, t)])
-        out = first.new_zeros(max(rows or self.padded_rows, v), *first.shape[1:])
-        out[: first.shape[0]] = first
-        for i in range(step, t, step):
-            out[i: min(i + step, t)] = both(llm[i: min(i + step, t)], img[i: min(i + step, t)])
-        for i in range(t, v, step):
-            out[i: min(i + step, v)] = img_only(img[i: min(i + step, v)])
+        out = None
+        for a, b, in_both in self.segments():
+            for i in range(a, b, step):
+                j = min(i + step, b)
+                piece = both(llm[i:j], img[i:j]) if in_both else img_only(img[i:j])
+                if out is None:
+                    out = piece.new_zeros(max(rows or self.padded_rows, self.vocab_size), *piece.shape[1:])
+                out[i:j] = piece
         return out
 
     def _fuse_mixed(self, llm, img, img_only, rows, step: int) -> Tensor:
@@ -102,8 +123,10 @@ def plan_vocab(llm_rows: int, img_rows: int, layout=None, text_vocab_size: int |
     """The row plan for two parents; ConvertError when their vocabularies cannot be fused."""
     if layout is not None and layout.mixed:
         return _mixed_plan(llm_rows, img_rows, layout)
+    if layout is not None and layout.native:
+        return _native_plan(llm_rows, img_rows, layout)
     if layout is not None:
-        t, v, source = layout.text_rows, layout.vocab_size, "--vocab-layout"  # native: rows before the codes
+        t, v, source = layout.text_rows, layout.vocab_size, "--vocab-layout"
     elif text_vocab_size is not None:
         t, v, source = text_vocab_size, img_rows, "--text-vocab-size"
     elif llm_rows <= img_rows:
@@ -120,6 +143,24 @@ def plan_vocab(llm_rows: int, img_rows: int, layout=None, text_vocab_size: int |
     if not 0 < t <= v:
         raise ConvertError(f"text vocabulary size {t} must be in [1, {v}]")
     return VocabPlan(vocab_size=v, text_rows=t, llm_rows=llm_rows, img_rows=img_rows, source=source)
+
+
+def _native_plan(llm_rows: int, img_rows: int, layout) -> VocabPlan:
+    """A parent-native layout (Emu3, Chameleon): the image-code rows (and appended special rows) from the image
+    model, every other row (text, markers, reserved specials) in both parents."""
+    from megatron_jam.data.native_vocab import ranges_of
+
+    rows = layout.image_ids(np.arange(layout.codebook_size)).tolist() + list(layout.appended_specials.values())
+    plan = VocabPlan(vocab_size=layout.vocab_size, text_rows=layout.text_rows, llm_rows=llm_rows, img_rows=img_rows,
+                     source="--vocab-layout (native)", img_only=ranges_of(rows))
+    if llm_rows < plan.both_rows:
+        raise ConvertError(f"text vocabularies differ: the LLM has {llm_rows} embedding rows, but the native "
+                           f"--vocab-layout needs its rows up to {plan.both_rows} (text and markers of the parents' "
+                           f"common tokenizer)")
+    if img_rows < plan.vocab_size:
+        raise ConvertError(f"the image model has {img_rows} embedding rows, but the native --vocab-layout needs "
+                           f"{plan.vocab_size} (its vocabulary and any appended specials)")
+    return plan
 
 
 def _mixed_plan(llm_rows: int, img_rows: int, layout) -> VocabPlan:

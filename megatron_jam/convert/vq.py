@@ -25,7 +25,9 @@ WEIGHTS_FILE = "model.safetensors"
 COPY_BYTES = 1 << 26
 PROCESSOR_FILE = "preprocessor_config.json"
 """The parent's image-processor settings (Emu3: min/max pixels, mean/std), copied along when present."""
-VQ_FAMILIES = {"emu3": "vqmodel.*"}
+DECODER_FILE = "decoder.safetensors"
+"""Chameleon's VQGAN decoder beside the transformers encoder (tools/convert_image_tokenizer.py), copied along."""
+VQ_FAMILIES = {"emu3": "vqmodel.*", "chameleon": "model.vqmodel.*"}
 """HF families whose checkpoints can hold the VQ model, and under which keys."""
 
 
@@ -83,14 +85,14 @@ def _copy_range(src: str, start: int, size: int, dst) -> None:
 
 def write_image_tokenizer(src: ImageTokenizerSource, folder: str) -> None:
     """`folder`/config.json + `folder`/model.safetensors (+ the source's preprocessor_config.json: how
-    `VQImageTokenizer` sizes and normalises images for this VQ)."""
+    `VQImageTokenizer` sizes and normalises images for this VQ; + its decoder.safetensors: Chameleon's decoder)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(src.config, f, indent=2, sort_keys=True)
     copy_tensors(src.tensors, os.path.join(folder, WEIGHTS_FILE))
-    processor = os.path.join(src.where, PROCESSOR_FILE)
-    if os.path.isfile(processor):
-        shutil.copyfile(processor, os.path.join(folder, PROCESSOR_FILE))
+    for name in (PROCESSOR_FILE, DECODER_FILE):
+        if os.path.isfile(os.path.join(src.where, name)):
+            shutil.copyfile(os.path.join(src.where, name), os.path.join(folder, name))
 
 
 def read_image_tokenizer(folder: str) -> ImageTokenizerSource | None:
@@ -119,3 +121,34 @@ def extract_image_tokenizer(parent, tmp: str, save: str) -> dict | None:
               src.where, len(src.tensors), folder, src.config.get("architectures", ["a VQ model"])[0])
     return {"folder": IMAGE_TOKENIZER_DIR, "source": src.where, "model_type": src.config.get("model_type"),
             "tensors": len(src.tensors)}
+
+
+def embedded_image_tokenizer(hf: dict, files: dict[str, str], path: str, prefixes, model_type: str,
+                             architecture: str) -> ImageTokenizerSource | None:
+    """The VQ model stored inside a multimodal checkpoint under one of `prefixes` (file names from the
+    safetensors index `files`), with a config.json built from the parent's `vq_config`; None when absent."""
+    tensors = {}
+    for prefix in prefixes:
+        tensors |= {k[len(prefix):]: (os.path.join(path, f), k) for k, f in files.items() if k.startswith(prefix)}
+    if not tensors:
+        return None
+    cfg = dict(hf.get("vq_config") or {})
+    if "dtype" in hf and "dtype" not in cfg:
+        cfg["dtype"] = hf["dtype"]
+    return ImageTokenizerSource(cfg | {"model_type": model_type, "architectures": [architecture]}, tensors, path)
+
+
+def export_image_tokenizer(load: str, out_dir: str, hf_cfg: dict, prefix: str, vq_file: str,
+                           architecture: str) -> tuple[dict, dict[str, str]]:
+    """Put an imported VQ model back into an export as `prefix`* tensors in `vq_file`: (config with its
+    vq_config, {tensor: file} for the index). Without `load`/image_tokenizer/ the export has none (one log line)."""
+    src = read_image_tokenizer(os.path.join(load, IMAGE_TOKENIZER_DIR))
+    if src is None:
+        log_rank0(logger, "%s has no %s/: the export has no %s* tensors (%s will initialise its VQ model "
+                  "randomly); copy the parent's in to encode images", load, IMAGE_TOKENIZER_DIR, prefix, architecture)
+        return hf_cfg, {}
+    vq = {k: v for k, v in src.config.items() if k not in ("architectures", "transformers_version")}
+    copy_tensors({prefix + k: t for k, t in src.tensors.items()}, os.path.join(out_dir, vq_file))
+    log_rank0(logger, "put the VQ model of %s (%d tensors) back as %s* (%s)", src.where, len(src.tensors),
+              prefix, vq_file)
+    return hf_cfg | {"vq_config": vq}, {prefix + k: vq_file for k in src.tensors}

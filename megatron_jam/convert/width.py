@@ -10,7 +10,8 @@ half of the joint hidden state. This is applied to q, k, v separately (the
 joint model has 2H heads and 2G query groups of the same head size; llm heads
 first), to the gate and up halves of a SwiGLU fc1 separately, and to the
 attention output and fc2. Biases, norms, token and position embeddings are
-concatenated on the hidden dim ([llm, img]). QKV is packed into Megatron's
+concatenated on the hidden dim ([llm, img]); Chameleon's per-head q/k norms
+on the head dim (the joint heads are the llm's, then the img's). QKV is packed into Megatron's
 grouped layout only after the blocks are built, which keeps each TP rank's
 heads whole. Both parents must have the same architecture.
 """
@@ -18,8 +19,8 @@ heads whole. Both parents must have the same architecture.
 import torch
 from torch import Tensor
 
-from megatron_jam.convert.common import (EMB, FC1_B, FC1_W, HF_EXTRA, OUT, POS, QKV_B, QKV_W, ConvertError,
-                                         pack_qkv, split_layer_key, split_qkv)
+from megatron_jam.convert.common import (EMB, FC1_B, FC1_W, HF_EXTRA, K_NORM, OUT, POS, Q_NORM, QKV_B, QKV_W,
+                                         ConvertError, pack_qkv, split_layer_key, split_qkv)
 from megatron_jam.convert.uniform import check_same_architecture
 from megatron_jam.convert.vocab import VocabPlan
 from megatron_jam.models.config import ParentConfig
@@ -74,6 +75,8 @@ def widen_layer_tensor(key: str, a: Tensor, b: Tensor, p: ParentConfig, init: st
         join = (lambda x, y: block(x, y, init)) if key == FC1_W else concat
         (ga, ua), (gb, ub) = torch.chunk(a, 2, dim=0), torch.chunk(b, 2, dim=0)
         return torch.cat([join(ga, gb), join(ua, ub)], dim=0)
+    if key.startswith((Q_NORM, K_NORM)):  # per-head [heads, hd]: the joint heads are llm's, then img's
+        return concat(a, b)
     return block(a, b, init) if a.dim() == 2 else concat(a, b)
 
 

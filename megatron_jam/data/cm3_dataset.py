@@ -53,6 +53,7 @@ from megatron.core.datasets.utils import Split, get_blend_from_list
 
 from megatron_jam.data.cm3 import CM3Config, cm3_transform
 from megatron_jam.data.instruct import load_sequence_loss
+from megatron_jam.data.integrity import check_dataset_files
 from megatron_jam.data.retrieval import RetrievalConfig, load_neighbors
 from megatron_jam.data.vocab import VocabLayout, load_layout
 from megatron_jam.models.config import ConfigError
@@ -101,6 +102,7 @@ class DocumentReader:
 
     def __init__(self, prefix: str, layout: Optional[VocabLayout], mmap: bool = True) -> None:
         self.path_prefix = prefix
+        check_dataset_files(prefix)  # cached: free after the builder's check
         self.layout = load_layout(prefix, expected=layout)
         self.indexed = IndexedDataset(prefix, multimodal=True, mmap=mmap)
         index = self.indexed.index
@@ -330,6 +332,7 @@ def build_train_valid_test_datasets(
     prefixes = blend[0]
     layout = layout or load_layout(prefixes[0])
     for prefix in prefixes:
+        check_dataset_files(prefix)  # before Megatron's builder reads a document (data/integrity.py)
         load_layout(prefix, expected=layout)
     config = JamDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=blend, split=split, path_to_cache=data_cache_path,

@@ -31,6 +31,7 @@ format writes (Emu3: `<|image start|> h*w <|image token|> rows <eof>
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -51,6 +52,44 @@ class RejectedDocument(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class EncodingFailure(RuntimeError):
+    """An unexpected error while encoding an input line (not a bad document: a bug, a broken
+    tokenizer); the one-line message names the file and line. Plain message only, so that it
+    pickles from a worker process to the parent unchanged."""
+
+
+@contextlib.contextmanager
+def failure_names(path: str, line: int):
+    """Turn any unexpected exception of the block into an EncodingFailure naming `path` and `line`
+    (RejectedDocument, the expected kind, passes through for the caller to record)."""
+    try:
+        yield
+    except (RejectedDocument, EncodingFailure):
+        raise
+    except Exception as e:
+        raise EncodingFailure(f"{path} line {line}: {type(e).__name__}: {e}") from e
+
+
+def encode_texts(tokenizer: Any, docs: Sequence[Tuple[int, List[str]]]) -> Dict[int, Any]:
+    """key -> the token ids (int64 arrays) of each text of a document, or the RejectedDocument
+    ("untokenizable_text") when the tokenizer refuses one of its texts (a lone surrogate such as
+    "\\ud800" from a JSON escape: sentencepiece raises TypeError). One batched call for all
+    documents; only when it fails, one call per document, so a bad document costs only itself."""
+    try:
+        flat = iter(tokenizer.encode_batch([t for _, texts in docs for t in texts]))
+        return {key: [np.asarray(next(flat), dtype=np.int64) for _ in texts] for key, texts in docs}
+    except Exception:
+        pass
+    out: Dict[int, Any] = {}
+    for key, texts in docs:
+        try:
+            out[key] = [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts)]
+        except Exception as e:  # whatever the tokenizer raises for input it cannot take
+            out[key] = RejectedDocument("untokenizable_text", f"the text tokenizer refused it: {type(e).__name__}: "
+                                                              f"{str(e)[:200]}")
+    return out
 
 
 def content_items(record: Any, json_keys: Sequence[str]) -> List[Tuple[str, Any]]:

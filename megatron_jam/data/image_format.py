@@ -21,6 +21,28 @@ Formats:
   (`VocabLayout.break_id`). The grid is in the tokens, so images of any size
   may appear in data; `tokens_per_image` (= h * w of `image_grid`) is only the
   default size of generated images.
+- ``chameleon`` (Chameleon 7B/30B, Anole; transformers' `processing_chameleon.py`
+  `replace_image_token`: ``boi + image_token * 1024 + eoi``, and Meta's
+  `chameleon/inference/vocab.py`: ``begin_image`` / ``end_image``):
+  ``<racm3:break>`` (id 8197 in the released 65,536 vocabulary), the
+  h * w = 1,024 codes of the 32x32 grid at 512 px (BPE tokens 4..8195,
+  through the code -> id map), ``<eoss>`` (8196). No size and no row ends:
+  the grid is the layout's.
+- ``lumina`` (Lumina-mGPT, github Alpha-VLLM/Lumina-mGPT,
+  `lumina_mgpt/data/item_processor.py` `FlexARItemProcessor.process_image`,
+  and the `decode_image` / `MultiModalLogitsProcessor` of
+  `lumina_mgpt/inference_solver.py` that read it back): ``<racm3:break>``, the
+  height and width grid tokens ``get_n_grids_token(n) = <reserved{8800+n:05d}>``
+  with n = pixels / 32 = latent rows / 2 (id 8804 + n: 512 px gives n = 16,
+  ``<reserved08816>``, id 8820), then h latent rows of w codes each followed
+  by the end-of-line token ``<reserved08799>`` (8803), then ``<eoss>``; at
+  512 px 1 + 2 + 32 * 33 + 1 = 1,060 tokens. Lumina-mGPT's images come in
+  several aspect ratios, so the grid is in the tokens (even sides only).
+
+In the delimited formats (emu3, chameleon, lumina) the begin-image token plays
+`<break>`'s role (`VocabLayout.break_id`) and text resumes right after the
+end-of-image token. All ids are looked up by token string in the parent's
+tokenizer (`native_vocab.emu3_layout`, `chameleon_vocab.chameleon_layout`).
 
 `image_length(grid)` counts an image from its opening token (`<break>` /
 `<|image start|>`) to its last token: what the decoder must have left before
@@ -39,6 +61,15 @@ Grid = Tuple[int, int]
 EMU3_MARKERS = {"image_start": "<|image start|>", "size_end": "<|image token|>", "end_of_line": "<|extra_200|>",
                 "end_of_frame": "<|extra_201|>", "image_end": "<|image end|>"}
 """Role -> token string of Emu3's image markers (ids are looked up in the parent's tokenizer.json)."""
+CHAMELEON_MARKERS = {"image_start": "<racm3:break>", "image_end": "<eoss>"}
+"""Role -> token string of Chameleon's begin-image / end-of-image tokens (ids 8197 / 8196 in the release)."""
+LUMINA_MARKERS = {**CHAMELEON_MARKERS, "end_of_line": "<reserved08799>"}
+"""Lumina-mGPT's markers: Chameleon's plus its end-of-line token (id 8803 in the release)."""
+LUMINA_GRID_ROLE = "grid_{}"
+"""Marker role of Lumina-mGPT's grid-size token for N patches of 32 pixels (2N latent rows or columns)."""
+LUMINA_GRID_TOKEN = "<reserved{:05d}>"
+LUMINA_GRID_BASE = 8800
+"""Lumina-mGPT's `get_n_grids_token(n)`: `<reserved{8800 + n:05d}>` (id 8804 + n in the release)."""
 SAMPLE = -1
 """In a decoding plan: a slot where the decoder samples an image code (other slots hold a forced id)."""
 
@@ -134,42 +165,43 @@ class OursFormat(ImageFormat):
         return self.layout.image_codes(ids), grid_shape(ids.size)
 
 
-class Emu3Format(ImageFormat):
-    """`<|image start|> h*w <|image token|> (w codes <eol>) x h <eof> <|image end|>`."""
+class DelimitedFormat(ImageFormat):
+    """Images between their own begin-image and end-of-image markers (Emu3, Chameleon, Lumina-mGPT).
 
-    name, uses_break, ends_in_text = "emu3", False, True
+    `<break>` is the begin-image marker (no separate `<break>` token), and the stream returns to text right
+    after the end-of-image marker. A subclass says how the structure around the code rows looks
+    (`_structure`) and how the grid is read back from an image's ids (`_read_grid`); finding images in a
+    window (`image_spans`), parsing and planning are shared.
+    """
+
+    uses_break, ends_in_text = False, True
+    required_markers: Tuple[str, ...] = ("image_start", "image_end")
+    inner_markers: Tuple[str, ...] = ()
+    """Markers that occur only inside an image: a window that opens with one opens inside an image."""
 
     @classmethod
     def validate(cls, layout) -> None:
-        from megatron_jam.data.vocab import VocabLayoutError
-
-        missing = set(EMU3_MARKERS) - set(layout.image_markers)
+        missing = set(cls.required_markers) - set(layout.image_markers)
         if missing:
-            raise VocabLayoutError(f"native VocabLayout: the emu3 image format needs image_markers {sorted(missing)}")
-        if set(layout.size_digit_ids) != set("0123456789*"):
-            raise VocabLayoutError("native VocabLayout: the emu3 image format needs size_digit_ids for 0-9 and '*'")
+            _fail(f"the {cls.name} image format needs image_markers {sorted(missing)}")
         if layout.special_ids["<break>"] != layout.image_markers["image_start"]:
-            raise VocabLayoutError("native VocabLayout: in the emu3 format <break> is the image_start marker")
+            _fail(f"in the {cls.name} format <break> is the image_start marker")
         if not layout.image_grid:
-            raise VocabLayoutError("native VocabLayout: the emu3 image format needs image_grid (h, w)")
+            _fail(f"the {cls.name} image format needs image_grid (h, w)")
 
     def __init__(self, layout) -> None:
         super().__init__(layout)
         m = layout.image_markers
-        self.start, self.size_end, self.eol = m["image_start"], m["size_end"], m["end_of_line"]
-        self.eof, self.end = m["end_of_frame"], m["image_end"]
-        self.digit_of = {v: k for k, v in layout.size_digit_ids.items()}
+        self.start, self.end = m["image_start"], m["image_end"]
+        self.inner = [m[r] for r in self.inner_markers]
 
-    def size_ids(self, grid: Grid) -> List[int]:
-        """The grid size as text ids ("90*90", one id per character)."""
-        return [self.layout.size_digit_ids[c] for c in f"{grid[0]}*{grid[1]}"]
-
+    @abc.abstractmethod
     def _structure(self, rows: np.ndarray, grid: Grid) -> np.ndarray:
-        """Full image ids around `rows` ([h, w] of ids or SAMPLE)."""
-        h, _ = grid
-        body = np.concatenate([rows, np.full((h, 1), self.eol, dtype=np.int64)], axis=1).reshape(-1)
-        return np.concatenate([[self.start], self.size_ids(grid), [self.size_end], body, [self.eof, self.end]]
-                              ).astype(np.int64)
+        """Full image ids (begin-image first, end-of-image last) around `rows` ([h, w] of ids or SAMPLE)."""
+
+    @abc.abstractmethod
+    def _read_grid(self, ids: np.ndarray) -> Grid:
+        """The grid an image span (begin-image .. end-of-image) declares; ImageFormatError when unreadable."""
 
     def image_ids(self, codes: np.ndarray, grid: Grid) -> np.ndarray:
         self.check_grid(grid, "image")
@@ -189,7 +221,7 @@ class Emu3Format(ImageFormat):
         spans: List[Tuple[int, int]] = []
         first = int(starts[0]) if starts.size else m
         lead_ends = ends[ends < first]
-        inside = self.layout.is_image(tokens[:first]) | np.isin(tokens[:first], [self.eol, self.eof, self.size_end])
+        inside = self.layout.is_image(tokens[:first]) | np.isin(tokens[:first], self.inner)
         if lead_ends.size:  # the window opens inside an image
             spans.append((0, int(lead_ends[0]) + 1))
         elif inside.any():  # ... and the image goes past its end or the next image start
@@ -220,34 +252,138 @@ class Emu3Format(ImageFormat):
     def parse(self, ids: np.ndarray) -> Tuple[np.ndarray, Grid]:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size < 2 or ids[0] != self.start or ids[-1] != self.end:
-            raise ImageFormatError("an emu3 image starts with <|image start|> and ends with <|image end|>")
-        size_end = np.flatnonzero(ids == self.size_end)
-        if size_end.size != 1:
-            raise ImageFormatError("an emu3 image holds exactly one <|image token|> after its size")
-        grid = self._read_size(ids[1:size_end[0]])
+            raise ImageFormatError(f"a {self.name} image starts with its begin-image and ends with its "
+                                   "end-of-image token")
+        grid = self._read_grid(ids)
         expected = self._structure(np.full(grid, SAMPLE, dtype=np.int64), grid)
         if expected.size != ids.size:
-            raise ImageFormatError(f"an emu3 image of grid {grid[0]}x{grid[1]} has {expected.size} tokens, "
+            raise ImageFormatError(f"a {self.name} image of grid {grid[0]}x{grid[1]} has {expected.size} tokens, "
                                    f"got {ids.size}")
         slots = expected == SAMPLE
         if not (ids[~slots] == expected[~slots]).all() or not self.layout.is_image(ids[slots]).all():
-            raise ImageFormatError(f"an emu3 image's rows must be {grid[1]} codes each then end-of-line, then "
-                                   "end-of-frame and end-of-image")
+            raise ImageFormatError(f"a {self.name} image's tokens must follow its format: codes at code slots, "
+                                   "markers at marker slots")
         return self.layout.image_codes(ids[slots]), grid
 
-    def _read_size(self, ids: np.ndarray) -> Grid:
-        text = "".join(self.digit_of.get(int(t), "?") for t in ids)
+
+class Emu3Format(DelimitedFormat):
+    """`<|image start|> h*w <|image token|> (w codes <eol>) x h <eof> <|image end|>`."""
+
+    name = "emu3"
+    required_markers = tuple(EMU3_MARKERS)
+    inner_markers = ("end_of_line", "end_of_frame", "size_end")
+
+    @classmethod
+    def validate(cls, layout) -> None:
+        super().validate(layout)
+        if set(layout.size_digit_ids) != set("0123456789*"):
+            _fail("the emu3 image format needs size_digit_ids for 0-9 and '*'")
+
+    def __init__(self, layout) -> None:
+        super().__init__(layout)
+        m = layout.image_markers
+        self.size_end, self.eol, self.eof = m["size_end"], m["end_of_line"], m["end_of_frame"]
+        self.digit_of = {v: k for k, v in layout.size_digit_ids.items()}
+
+    def size_ids(self, grid: Grid) -> List[int]:
+        """The grid size as text ids ("90*90", one id per character)."""
+        return [self.layout.size_digit_ids[c] for c in f"{grid[0]}*{grid[1]}"]
+
+    def _structure(self, rows: np.ndarray, grid: Grid) -> np.ndarray:
+        h, _ = grid
+        body = np.concatenate([rows, np.full((h, 1), self.eol, dtype=np.int64)], axis=1).reshape(-1)
+        return np.concatenate([[self.start], self.size_ids(grid), [self.size_end], body, [self.eof, self.end]]
+                              ).astype(np.int64)
+
+    def _read_grid(self, ids: np.ndarray) -> Grid:
+        size_end = np.flatnonzero(ids == self.size_end)
+        if size_end.size != 1:
+            raise ImageFormatError("an emu3 image holds exactly one <|image token|> after its size")
+        size = ids[1:size_end[0]]
+        text = "".join(self.digit_of.get(int(t), "?") for t in size)
         parts = text.split("*")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
             raise ImageFormatError(f"an emu3 image size must read 'h*w', got {text!r}")
         grid = (int(parts[0]), int(parts[1]))
-        if min(grid) < 1 or self.size_ids(grid) != ids.tolist():
+        if min(grid) < 1 or self.size_ids(grid) != size.tolist():
             raise ImageFormatError(f"an emu3 image size must read 'h*w' with h, w >= 1, got {text!r}")
         return grid
 
 
-FORMATS: Dict[str, Type[ImageFormat]] = {"ours": OursFormat, "emu3": Emu3Format}
+class ChameleonFormat(DelimitedFormat):
+    """`<racm3:break> (h * w codes) <eoss>`: the grid is not in the tokens, it is the layout's (32x32)."""
 
+    name = "chameleon"
+    required_markers = tuple(CHAMELEON_MARKERS)
+
+    def check_grid(self, grid: Grid, where: str) -> None:
+        super().check_grid(grid, where)
+        if tuple(grid) != self.default_grid:
+            raise ImageFormatError(f"{where}: grid {grid[0]}x{grid[1]}, the chameleon format holds only the "
+                                   f"layout's {self.default_grid[0]}x{self.default_grid[1]}")
+
+    def _structure(self, rows: np.ndarray, grid: Grid) -> np.ndarray:
+        return np.concatenate([[self.start], np.asarray(rows, dtype=np.int64).reshape(-1), [self.end]])
+
+    def _read_grid(self, ids: np.ndarray) -> Grid:
+        return self.default_grid
+
+
+class LuminaFormat(DelimitedFormat):
+    """`<racm3:break> <grid h/2> <grid w/2> (w codes <reserved08799>) x h <eoss>` (Lumina-mGPT's FlexAR).
+
+    The grid tokens count 32-pixel patches, two latent rows (or columns) each: the `grid_N` markers
+    (`<reserved{8800 + N}>`) stand for N patches, so a latent grid must be even in both directions.
+    """
+
+    name = "lumina"
+    required_markers = tuple(LUMINA_MARKERS)
+    inner_markers = ("end_of_line",)
+
+    @classmethod
+    def validate(cls, layout) -> None:
+        super().validate(layout)
+        h, w = layout.image_grid
+        missing = [LUMINA_GRID_ROLE.format(n // 2) for n in (h, w)
+                   if n % 2 or LUMINA_GRID_ROLE.format(n // 2) not in layout.image_markers]
+        if missing:
+            _fail(f"the lumina image format needs an even image_grid with image_markers {missing}")
+
+    def __init__(self, layout) -> None:
+        super().__init__(layout)
+        self.eol = layout.image_markers["end_of_line"]
+        prefix = LUMINA_GRID_ROLE.format("")
+        self.grid_id = {int(k[len(prefix):]): v for k, v in layout.image_markers.items() if k.startswith(prefix)}
+        self.grid_of = {v: k for k, v in self.grid_id.items()}
+        self.inner = self.inner + list(self.grid_of)
+
+    def check_grid(self, grid: Grid, where: str) -> None:
+        super().check_grid(grid, where)
+        if grid[0] % 2 or grid[1] % 2 or grid[0] // 2 not in self.grid_id or grid[1] // 2 not in self.grid_id:
+            raise ImageFormatError(f"{where}: grid {grid[0]}x{grid[1]}, the lumina format needs even sides of at "
+                                   f"most {2 * max(self.grid_id)} (grid tokens count 2 latent rows each)")
+
+    def _structure(self, rows: np.ndarray, grid: Grid) -> np.ndarray:
+        h, _ = grid
+        body = np.concatenate([rows, np.full((h, 1), self.eol, dtype=np.int64)], axis=1).reshape(-1)
+        sizes = [self.grid_id[grid[0] // 2], self.grid_id[grid[1] // 2]]
+        return np.concatenate([[self.start], sizes, body, [self.end]]).astype(np.int64)
+
+    def _read_grid(self, ids: np.ndarray) -> Grid:
+        if ids.size < 4 or int(ids[1]) not in self.grid_of or int(ids[2]) not in self.grid_of:
+            raise ImageFormatError("a lumina image opens with two grid tokens (height, width) after its "
+                                   "begin-image token")
+        return 2 * self.grid_of[int(ids[1])], 2 * self.grid_of[int(ids[2])]
+
+
+def _fail(msg: str) -> None:
+    from megatron_jam.data.vocab import VocabLayoutError
+
+    raise VocabLayoutError(f"native VocabLayout: {msg}")
+
+
+FORMATS: Dict[str, Type[ImageFormat]] = {"ours": OursFormat, "emu3": Emu3Format, "chameleon": ChameleonFormat,
+                                         "lumina": LuminaFormat}
 
 def image_format(layout) -> ImageFormat:
     """The format instance of `layout` (cached on the layout object)."""

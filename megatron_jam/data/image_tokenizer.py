@@ -25,6 +25,12 @@ the Emu3 image format writes into the tokens (`encode_grids`). Given a
 `resolution`, it encodes at that square size like the other families instead.
 `decode_grid` turns a [h, w] grid back into an image of (8h, 8w) pixels: the
 still image is the first frame of Emu3's temporal decoder.
+
+Chameleon (`chameleon_vqgan`) decodes when the folder also holds `decoder.safetensors`
+(tools/convert_image_tokenizer.py writes it from Meta's released `vqgan.ckpt`): the project's
+VQGAN decoder (`chameleon_vqgan.py`) after transformers' codebook and post_quant_conv. That file
+is left out of `identity`, which names what the codes mean, so adding a decoder keeps a dataset's
+layout valid.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ def load_image(path: str):
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
-        raise ImageError("missing_image", f"{path} does not exist")
+        raise ImageError("missing_image", f"{path} is a directory" if os.path.isdir(path) else f"{path} does not exist")
     try:
         with Image.open(path) as im:
             im.load()
@@ -118,6 +124,8 @@ class VQImageTokenizer:
         import torch
         import transformers
 
+        from megatron_jam.data.chameleon_vqgan import DECODER_FILE, load_decoder
+
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         path = _checkpoint_tokenizer(path)
@@ -130,12 +138,14 @@ class VQImageTokenizer:
                     "image_tokenizer/" if config.model_type == "emu3" else "")
             raise ValueError(f"--image-tokenizer {path}: model_type {config.model_type!r} is not one of "
                              f"{sorted(SUPPORTED_MODELS)}{hint}")
-        weights = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        weights = sorted(os.path.join(path, f) for f in os.listdir(path)
+                         if f.endswith(".safetensors") and f != DECODER_FILE)
         if not weights:
             raise FileNotFoundError(f"--image-tokenizer {path}: no *.safetensors weights next to config.json")
         cls = getattr(transformers, SUPPORTED_MODELS[config.model_type])
         self.model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device).eval()
         self.device, self.kind, self.own_size = device, config.model_type, False
+        self.decoder = load_decoder(path, config, device) if self.kind == "chameleon_vqgan" else None
         if self.kind == EMU3:
             self._setup_emu3(path, resolution)
         else:
@@ -175,8 +185,9 @@ class VQImageTokenizer:
 
     @property
     def has_decoder(self) -> bool:
-        """Whether codes can be turned back into pixels (`ChameleonVQVAE` ships only the encoder)."""
-        return hasattr(self.model, "decode")
+        """Whether codes can be turned back into pixels (`ChameleonVQVAE` ships only the encoder: Chameleon
+        needs the project's decoder from `decoder.safetensors`)."""
+        return hasattr(self.model, "decode") or self.decoder is not None
 
     def preprocess(self, image) -> np.ndarray:
         """PIL RGB image -> float32 [3, r, r] in about [-1, 1] (shortest edge to r, centre crop)."""
@@ -253,10 +264,12 @@ class VQImageTokenizer:
 
     def decode_grid(self, codes, grid) -> "Image.Image":
         """Codes of one image (flat row-major or [h, w]) on latent grid (h, w) -> a PIL RGB image
-        (Emu3: (h * factor) x (w * factor) pixels; Janus: its fixed resolution). ValueError for codes
+        (Emu3 and Chameleon: (h * factor) x (w * factor) pixels; Janus: its fixed resolution). ValueError for codes
         outside the codebook, which would otherwise index past the quantizer's table."""
         import torch
         from PIL import Image
+
+        from megatron_jam.data.chameleon_vqgan import decode_codes
 
         h, w = (int(g) for g in grid)
         codes = torch.as_tensor(np.asarray(codes, dtype=np.int64).reshape(-1), device=self.device)
@@ -266,7 +279,10 @@ class VQImageTokenizer:
             bad = int(codes[(codes < 0) | (codes >= self.codebook_size)][0])
             raise ValueError(f"image code {bad} is outside the VQ codebook [0, {self.codebook_size})")
         with torch.no_grad():
-            pixels = self.model.decode(codes.reshape(1, h, w) if self.kind == EMU3 else codes.reshape(1, h * w))
+            if self.decoder is not None:
+                pixels = decode_codes(self.model, self.decoder, codes.reshape(1, h, w))
+            else:
+                pixels = self.model.decode(codes.reshape(1, h, w) if self.kind == EMU3 else codes.reshape(1, h * w))
         return Image.fromarray(_to_uint8(pixels[0].float().cpu().numpy(), getattr(self, "norm", None)))
 
 

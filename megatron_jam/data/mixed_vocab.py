@@ -15,12 +15,14 @@ with `image_parent_rows` set::
     [T, P)    the image parent's image part, in the image parent's id order: the size
               characters "0".."9" "*" of its tokenizer (Emu3 writes an image's grid as
               text), the reserved tokens our specials sit on (`specials="reserved"`),
-              its image markers, then its image codes (contiguous when they were)
+              its image markers, then its image codes (contiguous when they were;
+              a Chameleon parent's, ids 4..8195, come first and keep their code map)
     [P, V)    specials appended as new rows (`specials="appended"`)
 
-`<break>` is the image parent's `<|image start|>` (the Emu3 image format);
-`<mask>`, `<eos_span>` and the CM3 sentinels are the image parent's reserved
-`<|extra_N|>` tokens (re-indexed) or appended rows; `<eos>` is the LLM's eos (if
+`<break>` is the image parent's begin-image token (Emu3's `<|image start|>`,
+Chameleon's `<racm3:break>`); `<mask>`, `<eos_span>` and the CM3 sentinels are
+the image parent's reserved tokens (Emu3 `<|extra_N|>`, Chameleon
+`<reservedNNNNN>`; re-indexed) or appended rows; `<eos>` is the LLM's eos (if
 its tokenizer has none, the image parent's, re-indexed). `image_parent_rows` lists
 (id, image-parent id, count) ranges over [T, P): the converter's row map
 (`megatron_jam.convert.vocab`), and `image_parent_tokenizer` the image parent's
@@ -42,20 +44,22 @@ logger = get_logger(__name__)
 
 def mixed_layout(llm_tokenizer: str, image_parent: str, *, llm_tokenizer_type: Optional[str] = None,
                  num_sentinels: int = DEFAULT_NUM_SENTINELS, image_grid: Optional[Sequence[int]] = None,
-                 specials: str = "reserved", image_tokenizer: str = "") -> VocabLayout:
-    """The mixed layout of an LLM tokenizer and an Emu3 image parent.
+                 specials: str = "reserved", image_tokenizer: str = "",
+                 image_format: Optional[str] = None) -> VocabLayout:
+    """The mixed layout of an LLM tokenizer and an image parent (Emu3, Chameleon, Lumina-mGPT).
 
     Args:
         llm_tokenizer: `--tokenizer-model`: the LLM's tokenizer (HF folder or tokenizer.json, or a .model file).
-        image_parent: the image parent's tokenizer folder (Emu3: the model folder, tokenizer.json + config.json).
+        image_parent: the image parent's model folder (tokenizer.json + config.json).
         num_sentinels, image_grid, specials, image_tokenizer: as `native_vocab.emu3_layout`.
+        image_format: the image parent's format (None: `native_vocab.detect_native_format`).
     """
-    from megatron_jam.data.native_vocab import EMU3_DEFAULT_GRID, emu3_layout
+    from megatron_jam.data.native_vocab import native_layout
     from megatron_jam.data.text_tokenizer import load_text_tokenizer
 
     text = load_text_tokenizer(llm_tokenizer, llm_tokenizer_type)
-    parent = emu3_layout(image_parent, num_sentinels=num_sentinels, image_grid=image_grid or EMU3_DEFAULT_GRID,
-                         specials=specials, image_tokenizer=image_tokenizer)
+    parent = native_layout(image_parent, image_format, num_sentinels=num_sentinels, image_grid=image_grid,
+                           specials=specials, image_tokenizer=image_tokenizer)
     t = text.vocab_size
     use_parent_eos = text.eos_id is None
     roles = {k: v for k, v in parent.special_ids.items() if k != "<eos>" or use_parent_eos}

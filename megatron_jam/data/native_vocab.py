@@ -7,9 +7,11 @@ them into our contiguous scheme would give every trained embedding and output
 row a new meaning; a native layout instead records where each role lives.
 
 This module holds the rules a native layout must obey (`validate_native`,
-called by `VocabLayout.__post_init__`), its id -> kind table, and the
-constructor for Emu3 from a tokenizer folder (`emu3_layout`), where every id is
-looked up by its token string in `tokenizer.json`:
+called by `VocabLayout.__post_init__`), its id -> kind table, the choice of
+constructor by image format (`native_layout`, `detect_native_format`; the
+Chameleon family's is `megatron_jam.data.chameleon_vocab.chameleon_layout`)
+and the constructor for Emu3 from a tokenizer folder (`emu3_layout`), where
+every id is looked up by its token string in `tokenizer.json`:
 
 - image codes: the `<|visual token NNNNNN|>` tokens (code = NNNNNN, transformers'
   `Emu3ImageVocabularyMapping` rule), stored as an offset when contiguous, else
@@ -136,9 +138,60 @@ def ranges_of(ids: Iterable[int]) -> Tuple[Tuple[int, int], ...]:
     return tuple((a, b) for a, b in out)
 
 
+# ----------------------------------------------------------------------------- which parent
+NATIVE_FORMATS = ("emu3", "chameleon", "lumina")
+"""Image parents with a native layout constructor (`native_layout`), by their image format."""
+
+
+def native_layout(model_path: str, image_format: Optional[str] = None, **kwargs) -> VocabLayout:
+    """The native layout of the image parent at `model_path`, by `image_format` (None: `detect_native_format`).
+
+    kwargs: as `emu3_layout` / `chameleon_vocab.chameleon_layout` (num_sentinels, image_grid, specials,
+    parent_vocab_size, image_tokenizer, first_reserved).
+    """
+    fmt = image_format or detect_native_format(model_path)
+    if fmt == "emu3":
+        return emu3_layout(model_path, **kwargs)
+    if fmt in ("chameleon", "lumina"):
+        from megatron_jam.data.chameleon_vocab import chameleon_layout
+
+        return chameleon_layout(model_path, image_format=fmt, **kwargs)
+    raise VocabLayoutError(f"native image format {fmt!r}: expected one of {', '.join(NATIVE_FORMATS)}")
+
+
+def detect_native_format(model_path: str) -> str:
+    """The image format of a parent folder: config.json's model_type ("emu3"; "chameleon", which is "lumina"
+    when an architecture is Lumina-mGPT's `ChameleonXLLMX...`), else the tokenizer's begin-image token.
+
+    Why the architecture: Lumina-mGPT's config subclasses ChameleonConfig, so model_type alone cannot tell it
+    from Chameleon; a converted copy without that name needs image_format="lumina" (`--native-format`).
+    """
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    config = os.path.join(folder, "config.json")
+    if os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise VocabLayoutError(f"{config}: cannot read model_type ({e})") from e
+        kind = data.get("model_type") if isinstance(data, dict) else None
+        if kind == "emu3":
+            return "emu3"
+        if kind == "chameleon":
+            return "lumina" if any("XLLMX" in a for a in data.get("architectures") or []) else "chameleon"
+    from megatron_jam.data.text_tokenizer import HuggingFaceTextTokenizer
+
+    text = HuggingFaceTextTokenizer(model_path)
+    for token, fmt in (("<|image start|>", "emu3"), ("<racm3:break>", "chameleon")):
+        if text.tok.token_to_id(token) is not None:
+            return fmt
+    raise VocabLayoutError(f"{text.file}: neither Emu3's <|image start|> nor Chameleon's <racm3:break>: not a "
+                           f"known image parent (native formats: {', '.join(NATIVE_FORMATS)})")
+
+
 # ----------------------------------------------------------------------------- Emu3
 def emu3_layout(tokenizer_path: str, *, num_sentinels: int = DEFAULT_NUM_SENTINELS,
-                image_grid: Sequence[int] = EMU3_DEFAULT_GRID, specials: str = "reserved",
+                image_grid: Optional[Sequence[int]] = EMU3_DEFAULT_GRID, specials: str = "reserved",
                 parent_vocab_size: Optional[int] = None, image_tokenizer: str = "",
                 first_reserved: int = 0) -> VocabLayout:
     """The native layout of an Emu3 parent from its tokenizer (a folder with tokenizer.json, or the file).
@@ -146,7 +199,7 @@ def emu3_layout(tokenizer_path: str, *, num_sentinels: int = DEFAULT_NUM_SENTINE
     Args:
         tokenizer_path: `--tokenizer-model`: Emu3's tokenizer folder (tokenizer.json, tokenizer_config.json).
         num_sentinels: CM3 sentinels.
-        image_grid: default latent grid (h, w) of generated images; tokens_per_image = h * w.
+        image_grid: default latent grid (h, w) of generated images; tokens_per_image = h * w (None: 90x90).
         specials: "reserved" (`<|extra_N|>` tokens from `first_reserved` on) or "appended" (new rows).
         parent_vocab_size: the parent's embedding rows (default: `text_config.vocab_size` of a config.json in
             the same folder, else the tokenizer's size).
@@ -175,7 +228,7 @@ def emu3_layout(tokenizer_path: str, *, num_sentinels: int = DEFAULT_NUM_SENTINE
     added = {int(i) for i, tok in text.tok.get_added_tokens_decoder().items() if tok.special}
     non_text = added | set(code_ids) | set(markers.values()) | set(roles.values())
     text_ranges = ranges_of(i for i in range(text.vocab_size) if i not in non_text)
-    h, w = (int(x) for x in image_grid)
+    h, w = (int(x) for x in (image_grid or EMU3_DEFAULT_GRID))
     layout = VocabLayout(
         text_vocab_size=text.vocab_size, codebook_size=len(code_ids), tokens_per_image=h * w,
         num_sentinels=num_sentinels, text_eos_id=roles["<eos>"] if roles["<eos>"] == text.eos_id else None,
@@ -215,8 +268,10 @@ def _visual_tokens(vocab: Dict[str, int], where: str) -> List[int]:
 
 
 def _assign_specials(vocab: Dict[str, int], eos: Optional[int], markers: Dict[str, int], num_sentinels: int,
-                     specials: str, parent: int, first_reserved: int, where: str) -> Dict[str, int]:
-    """Role -> id: `<break>` is `<|image start|>`, `<eos>` the tokenizer's eos; the rest reserved or appended."""
+                     specials: str, parent: int, first_reserved: int, where: str, template: str = EMU3_RESERVED,
+                     avoid: Iterable[int] = ()) -> Dict[str, int]:
+    """Role -> id: `<break>` is the begin-image marker, `<eos>` the tokenizer's eos; the rest on the reserved
+    tokens `template.format(first_reserved)`, ... (none of them a marker or in `avoid`) or appended."""
     roles = {"<break>": markers["image_start"]}
     if eos is not None:
         roles["<eos>"] = eos
@@ -224,10 +279,10 @@ def _assign_specials(vocab: Dict[str, int], eos: Optional[int], markers: Dict[st
             if name not in roles]
     if specials == "appended":
         return roles | {name: parent + k for k, name in enumerate(todo)}
-    taken = set(markers.values()) | set(roles.values())
+    taken = set(markers.values()) | set(roles.values()) | set(avoid)
     k = first_reserved
     for name in todo:
-        token = EMU3_RESERVED.format(k)
+        token = template.format(k)
         if token not in vocab:
             raise VocabLayoutError(f"{where}: reserved token {token!r} for {name} does not exist; use "
                                    f"fewer sentinels or --native-specials appended")

@@ -241,3 +241,35 @@ def load_neighbors(prefix: str, num_documents: int) -> Optional[Tuple[np.ndarray
     if neighbors.ndim != 2 or neighbors.shape[0] != num_documents:
         raise ValueError(f"{neighbors_path(prefix)}: shape {neighbors.shape} for {num_documents} documents")
     return neighbors, meta
+
+
+
+def needs_neighbors(prefix: str) -> bool:
+    """Whether a retrieval-augmented run retrieves for `prefix`: image-text data, as the paper does.
+
+    Why this rule (paper section 3.1 and 2.2): the retrieval is multimodal (RA-CM3) and the paper
+    retrieves for the image-text (Shutterstock) data in both phases; its text corpora and its
+    instruction data are not said to be retrieval-augmented. So a prefix with no image sequence
+    (text-only) or with an instruction loss mask (`PREFIX.loss_mask.npy`) is trained packed.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_jam.data.indexed_builder import MODE_IMAGE
+    from megatron_jam.data.instruct import loss_mask_path
+
+    if os.path.exists(loss_mask_path(prefix)):
+        return False
+    dataset = IndexedDataset(prefix, multimodal=True, mmap=True)  # kept alive: the modes are a view of its mmap
+    return bool(np.any(np.asarray(dataset.index.sequence_modes) == MODE_IMAGE))
+
+
+def missing_neighbors(prefixes, optional=()) -> list:
+    """The prefixes of a training blend that `needs_neighbors` but that have no neighbours file, except
+    those in `optional`.
+
+    Why: a retrieval-augmented run (`--retrieval-k`) whose neighbours were never written for an image-text
+    prefix would silently train it without retrieval; the trainer names it instead.
+    """
+    skipped = {os.path.abspath(p) for p in optional}
+    return [p for p in prefixes if os.path.abspath(p) not in skipped and not os.path.exists(neighbors_path(p))
+            and needs_neighbors(p)]

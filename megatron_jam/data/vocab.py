@@ -55,7 +55,8 @@ contiguous scheme then; the layout records every role explicitly:
   constant: Emu3 images carry their own grid size).
 
 ``megatron_jam.data.native_vocab.emu3_layout`` builds one from an Emu3
-tokenizer folder; ``megatron_jam.data.mixed_vocab.mixed_layout`` one whose text ids
+tokenizer folder, ``megatron_jam.data.chameleon_vocab.chameleon_layout`` from a
+Chameleon / Anole / Lumina-mGPT model folder (``native_layout`` picks by format); ``megatron_jam.data.mixed_vocab.mixed_layout`` one whose text ids
 are another (LLM) tokenizer's, the image parent's image part re-indexed after them
 (``image_parent_rows``; JAM-Cross only). Version-1 (appended) files load and write exactly as before.
 """
@@ -114,7 +115,8 @@ class VocabLayout:
     kind: str = APPENDED
     """`appended` (the contiguous scheme above) or `native` (the parent's own ids, fields below)."""
     image_format: str = "ours"
-    """How an image sits in the token stream (`megatron_jam.data.image_format`): `ours` or `emu3`."""
+    """How an image sits in the token stream (`megatron_jam.data.image_format`): `ours`, `emu3`, `chameleon` or
+    `lumina`."""
     parent_vocab_size: int = 0
     """Native: embedding rows of the parent; ids at and above it are appended special rows."""
     text_ranges: Tuple[Tuple[int, int], ...] = ()
@@ -469,8 +471,10 @@ def find_layout(prefix: str) -> str:
     raise FileNotFoundError(f"no vocabulary layout for dataset {prefix!r}: looked for {candidates}")
 
 
-def load_layout(prefix: str, expected: Optional[VocabLayout] = None) -> VocabLayout:
-    """Load the layout of `prefix`, check it against the .idx dtype and optionally `expected`."""
+def load_layout(prefix: str, expected: Optional[VocabLayout] = None, expected_source: str = "expected"
+                ) -> VocabLayout:
+    """Load the layout of `prefix`, check it against the .idx dtype and optionally `expected` (named
+    `expected_source` in the message, e.g. the checkpoint's layout file)."""
     path = find_layout(prefix)
     layout = VocabLayout.from_json(path)
     idx = prefix + ".idx"
@@ -481,5 +485,5 @@ def load_layout(prefix: str, expected: Optional[VocabLayout] = None) -> VocabLay
         if not np.issubdtype(dtype, np.integer) or np.iinfo(dtype).max < layout.vocab_size - 1:
             raise VocabLayoutError(f"{idx}: token dtype {dtype.name} cannot hold the {layout.vocab_size} ids of {path}")
     if expected is not None:
-        layout.check_compatible(expected, mine=path, theirs="expected")
+        layout.check_compatible(expected, mine=path, theirs=expected_source)
     return layout

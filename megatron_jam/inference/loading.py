@@ -107,8 +107,9 @@ def load_image_tokenizer(path: str, layout: VocabLayout):
     return vq
 
 
-def load_model(load: str, tp: int = 1, pp: int = 1):
-    """(model, cfg): the whole model on this rank's TP shard, eval mode, weights from `load`."""
+def load_model(load: str, tp: int = 1, pp: int = 1, iteration: int | None = None):
+    """(model, cfg): the whole model on this rank's TP shard, eval mode, weights from `load` (a training
+    folder's latest iteration, or `iteration`)."""
     from megatron_jam.models.jam_gpt import load_model_config, model_class, validate_model_parallel
     from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 
@@ -121,6 +122,6 @@ def load_model(load: str, tp: int = 1, pp: int = 1):
                                 wrap_ddp=False)
     from megatron_jam.convert.checkpoint import load_checkpoint
 
-    load_checkpoint(chunks, load)  # converted or trained (latest complete iteration), weights only
+    load_checkpoint(chunks, load, iteration)  # converted or trained (latest complete iteration), weights only
     log_rank0(logger, "loaded %s (%s) at TP=%d", load, type(cfg).__name__, tp)
     return chunks[0].eval(), cfg

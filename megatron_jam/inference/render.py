@@ -137,6 +137,8 @@ def _page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto}"
             ".prompt{color:#555;border-left:3px solid #999;padding-left:1em}"
+            ".retrieved{background:#f3f3f8;border:1px dashed #99a;padding:0 1em;margin-bottom:1em}"
+            ".retrieved-doc{border-top:1px solid #ccd}"
             "figure{margin:1em 0}figcaption{font-size:80%;color:#555}"
             "img.pixels{image-rendering:pixelated;image-rendering:crisp-edges}</style></head><body>\n"
             f"{body}\n</body></html>\n")
@@ -154,16 +156,41 @@ class DocumentWriter:
             return self.sp.decode([int(t) for t in ids if self.layout.is_text(t)])
         return " ".join(f"<{t}>" for t in ids)
 
-    def write(self, name: str, prompt: str | None, gen, meta: dict | None = None) -> dict:
-        """Write the three files (and images); returns the JSON record."""
-        segs = segments(gen.ids, self.layout)
+    def write(self, name: str, prompt: str | None, gen, meta: dict | None = None, retrieved=None) -> dict:
+        """Write the three files (and images); returns the JSON record.
+
+        `retrieved` (a `retrieval_context.RetrievedContext`): the bank documents prepended to the prompt.
+        `gen.prompt_ids` is then the whole context the model saw; the record keeps it as `context_ids`,
+        the prompt's own ids as `prompt_ids`, and each retrieved document rendered like the output."""
+        segs = self._render(gen.ids, name)
+        prefix = len(retrieved.prefix_ids()) if retrieved is not None else 0
+        prompt_ids = gen.prompt_ids[prefix:]
+        prompt_text = prompt if prompt is not None else self.text(prompt_ids)
+        record = {"name": name, "prompt": prompt_text, "prompt_ids": prompt_ids, "ids": gen.ids,
+                  "finish_reason": gen.finish_reason, "segments": segs} | (meta or {})
+        if retrieved is not None:
+            record |= {"context_ids": gen.prompt_ids, "retrieved": retrieved.record(),
+                       "retrieved_documents": [{"id": d.id, "score": d.score,
+                                                "segments": self._render(list(d.tokens), f"{name}_ret{j}")}
+                                               for j, d in enumerate(retrieved.documents)]}
+        with open(os.path.join(self.folder, f"{name}.json"), "w") as f:
+            json.dump(record, f, indent=1)
+        with open(os.path.join(self.folder, f"{name}.html"), "w") as f:
+            f.write(self._html(record))
+        with open(os.path.join(self.folder, f"{name}.md"), "w") as f:
+            f.write(self._markdown(record))
+        return record
+
+    def _render(self, ids: list[int], stem: str) -> list[dict]:
+        """Segments of `ids` with their images saved as STEM_imgK.png (decoded, or token grids) and text decoded."""
+        segs = segments(ids, self.layout)
         images = [s for s in segs if s["type"] == "image"]
         done = [s for s in images if s["complete"]]
         decoded = decode_images(self.vq, [s["codes"] for s in done], [s["grid"] for s in done]
                                 if self.layout.format.name != "ours" else None)
         decoded = iter(decoded) if decoded is not None else None
         for k, seg in enumerate(images):
-            seg["file"] = f"{name}_img{k}.png"
+            seg["file"] = f"{stem}_img{k}.png"
             if decoded is not None and seg["complete"]:
                 im, seg["rendering"] = next(decoded), "decoded"
             else:
@@ -174,34 +201,50 @@ class DocumentWriter:
         for seg in segs:
             if seg["type"] == "text":
                 seg["text"] = self.text(seg["ids"])
-        prompt_text = prompt if prompt is not None else self.text(gen.prompt_ids)
-        record = {"name": name, "prompt": prompt_text, "prompt_ids": gen.prompt_ids, "ids": gen.ids,
-                  "finish_reason": gen.finish_reason, "segments": segs} | (meta or {})
-        with open(os.path.join(self.folder, f"{name}.json"), "w") as f:
-            json.dump(record, f, indent=1)
-        with open(os.path.join(self.folder, f"{name}.html"), "w") as f:
-            f.write(self._html(record))
-        with open(os.path.join(self.folder, f"{name}.md"), "w") as f:
-            f.write(self._markdown(record))
-        return record
+        return segs
 
     def _html(self, rec: dict) -> str:
         return _page(rec["name"], self._body(rec))
 
     def _body(self, rec: dict) -> str:
-        parts = [f"<p class='prompt'><b>Prompt:</b> {html.escape(rec['prompt'])}</p>"]
-        for seg in rec["segments"]:
+        parts = self._retrieved_html(rec)
+        parts.append(f"<p class='prompt'><b>Prompt:</b> {html.escape(rec['prompt'])}</p>")
+        if rec.get("retrieved_documents") is not None:
+            parts.append("<h4 class='output'>Output</h4>")
+        parts += self._segments_html(rec["segments"], "generated")
+        parts.append(f"<p><small>finish: {html.escape(rec['finish_reason'])}, {len(rec['ids'])} tokens</small></p>")
+        return "\n".join(parts)
+
+    def _segments_html(self, segs: list[dict], what: str) -> list[str]:
+        parts = []
+        for seg in segs:
             if seg["type"] == "text":
                 parts.append(f"<p class='text'>{html.escape(seg['text'])}</p>")
             elif seg["type"] == "image":
                 caption = ("decoded with the VQ decoder" if seg["rendering"] == "decoded" else GRID_LABEL)
                 if not seg["complete"]:
                     caption += f" (incomplete: {len(seg['codes'])} of {self.layout.tokens_per_image} tokens)"
-                parts.append(f"<figure><img src='{html.escape(seg['file'])}' {_display_size(seg)}alt='generated "
+                parts.append(f"<figure><img src='{html.escape(seg['file'])}' {_display_size(seg)}alt='{what} "
                              f"image tokens {seg['start']}-{seg['end']}'><figcaption>{html.escape(caption)}"
                              "</figcaption></figure>")
-        parts.append(f"<p><small>finish: {html.escape(rec['finish_reason'])}, {len(rec['ids'])} tokens</small></p>")
-        return "\n".join(parts)
+        return parts
+
+    def _retrieved_html(self, rec: dict) -> list[str]:
+        """The retrieved documents, boxed and labelled as context the model saw before the prompt."""
+        docs = rec.get("retrieved_documents")
+        if docs is None:
+            return []
+        parts = [f"<section class='retrieved'><h4>Retrieved documents: what the model saw before the prompt "
+                 f"({len(docs)}, prepended in this order)</h4>"]
+        if not docs:
+            parts.append("<p><i>none (no candidate passed the filters or fitted the context)</i></p>")
+        for d in docs:
+            parts.append(f"<div class='retrieved-doc'><p><small>bank document {d['id']}, score {d['score']:.3f}"
+                         "</small></p>")
+            parts += self._segments_html(d["segments"], "retrieved")
+            parts.append("</div>")
+        parts.append("</section>")
+        return parts
 
     def write_index(self, records: list[dict], title: str = "generated documents") -> str:
         """index.html: every document of this run on one page, in order; returns its path."""
@@ -212,7 +255,12 @@ class DocumentWriter:
         return path
 
     def _markdown(self, rec: dict) -> str:
-        lines = [f"# {rec['name']}", "", f"> **Prompt:** {rec['prompt']}", ""]
+        lines = [f"# {rec['name']}", ""]
+        for d in rec.get("retrieved_documents") or []:
+            lines += [f"> **Retrieved** (bank document {d['id']}, score {d['score']:.3f}; seen before the prompt): "
+                      + " ".join(s["text"] if s["type"] == "text" else f"![retrieved image]({s['file']})"
+                                 for s in d["segments"] if s["type"] in ("text", "image")), ""]
+        lines += [f"> **Prompt:** {rec['prompt']}", ""]
         for seg in rec["segments"]:
             if seg["type"] == "text":
                 lines += [seg["text"], ""]

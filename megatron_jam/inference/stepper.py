@@ -123,15 +123,14 @@ class CrossStepper(_Stepper):
         h_llm, h_img = m.embedding(tokens, positions)  # [n, b, d] each
         rope_llm = self._rope(getattr(m, "llm_rotary", None), positions)
         rope_img = self._rope(getattr(m, "img_rotary", None), positions)
-        for i, (layer_llm, layer_img) in enumerate(zip(m.llm.layers, m.img.layers)):
-            if i in m._cross_slot:
-                j = m._cross_slot[i]
-                # Eq. 4 at the new slots; both directions read the states entering layer l.
-                h_llm, h_img = (
-                    cross_attention_layer(m.llm_cross.layers[j], h_llm, h_img, cache, f"llm_cross.{j}", start, mask),
-                    cross_attention_layer(m.img_cross.layers[j], h_img, h_llm, cache, f"img_cross.{j}", start, mask))
-            h_llm = self_attention_layer(layer_llm, h_llm, cache, f"llm.{i}", start, mask, rope_llm)
-            h_img = self_attention_layer(layer_img, h_img, cache, f"img.{i}", start, mask, rope_img)
+        rope = {"llm": rope_llm, "img": rope_img}
+        # The model's own loop (eq. 4's order, slots, contexts) with cached attention at the new slots.
+        h_llm, h_img = m.layer_loop.run(
+            h_llm, h_img,
+            parent=lambda name, i, layer, h: self_attention_layer(layer, h, cache, f"{name}.{i}", start, mask,
+                                                                  rope[name]),
+            cross=lambda name, j, block, h, context: cross_attention_layer(block, h, context, cache,
+                                                                           f"{name}_cross.{j}", start, mask))
         return torch.cat([m.llm.final_layernorm(h_llm), m.img.final_layernorm(h_img)], dim=-1)  # [n, b, 2d]
 
     def _logits(self, hidden: Tensor) -> Tensor:

@@ -57,6 +57,8 @@ def cross_transformer_config(cfg: JamCrossConfig, p: ParentConfig, **parallel) -
     """Config of one direction's cross blocks: MHA (Megatron's CrossAttention has no GQA),
     a non-gated GELU MLP of `cross_ffn_size`, one block per `cross_every` parent layers."""
     base = parent_transformer_config(p, **parallel)
+    if base.recompute_granularity == "full":  # the JAM-Cross layer loop recomputes cross blocks with their step
+        base = dataclasses.replace(base, recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
     return dataclasses.replace(
         base,
         num_layers=cfg.num_cross_pairs,
@@ -75,7 +77,7 @@ def build_parent_gpt(p: ParentConfig, vocab_size: int, pre_process: bool = True,
 
     config = parent_transformer_config(p, **parallel)
     n_local = get_num_layers_to_build(config, vp_stage, parallel_state.get_pipeline_model_parallel_rank())
-    spec = block_spec(parent_layer_spec(p.learnable_norm, use_te), n_local, p.learnable_norm)
+    spec = block_spec(parent_layer_spec(p, use_te), n_local, p.learnable_norm)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,

@@ -55,6 +55,10 @@ class ParentConfig:
     """Dropout after attention and MLP (CM3leon trains with none)."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    qk_layernorm: bool = False
+    """Chameleon: queries and keys LayerNorm-ed per head over head_dim (weight and bias per head), before RoPE."""
+    swin_norm: bool = False
+    """Chameleon-30B's norm placement: `x + norm(attn(x))`, `h + norm(mlp(h))`, no pre-norms."""
 
     @property
     def act(self) -> str:
@@ -73,6 +77,8 @@ class ParentConfig:
         return self.num_query_groups or self.num_attention_heads
 
     def __post_init__(self):
+        if (self.qk_layernorm or self.swin_norm) and self.family != "llama":
+            raise ConfigError("qk_layernorm / swin_norm (the Chameleon body) need family='llama'")
         if self.family not in FAMILIES:
             raise ConfigError(f"family={self.family!r} is not one of {FAMILIES}")
         if self.hidden_size % self.num_attention_heads:

@@ -22,13 +22,10 @@ At step 0 (`cross_zero_init`), the cross blocks' output projections are zero,
 so each stream computes exactly what its parent computes.
 """
 
-import contextlib
-
 import torch
 from torch import Tensor
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.enums import Fp8Recipe, ModelType
-from megatron.core.fp8_utils import get_fp8_context
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.module import MegatronModule
@@ -37,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_jam.models.builders import cross_transformer_config, parent_transformer_config
 from megatron_jam.models.config import JamCrossConfig, ParentConfig, validate_parallel
+from megatron_jam.models.jam_cross_loop import CrossLayerLoop
 from megatron_jam.models.specs import block_spec, cross_layer_spec, parent_layer_spec
 
 STREAMS = ("llm", "img")
@@ -66,7 +64,8 @@ class JamEmbedding(MegatronModule):
             h = words if table is None else words + table(position_ids)
             h = h.transpose(0, 1).contiguous()  # [b, s, h] -> [s, b, h]
             if self.config.sequence_parallel:
-                h = tensor_parallel.scatter_to_sequence_parallel_region(h)  # -> [s/tp, b, h]
+                # -> [s/tp, b, h]; a view of the full tensor: clone it so that one can be freed (Megatron's embedding)
+                h = tensor_parallel.scatter_to_sequence_parallel_region(h).clone()
                 with tensor_parallel.get_cuda_rng_tracker().fork():
                     h = self.dropout(h)
             else:
@@ -121,9 +120,6 @@ class JamCrossModel(LanguageModule):
                           parallel.get("virtual_pipeline_model_parallel_size"),
                           parallel.get("sequence_parallel", False))
         configs = {name: parent_transformer_config(getattr(cfg, name), **parallel) for name in STREAMS}
-        if configs["llm"].recompute_granularity is not None:
-            raise ValueError("activation recomputation is not implemented for JAM-Cross's layer loop "
-                             f"(recompute_granularity={configs['llm'].recompute_granularity!r})")
         super().__init__(config=configs["llm"])
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
@@ -136,7 +132,7 @@ class JamCrossModel(LanguageModule):
             self.embedding = JamEmbedding(self.config, cfg.padded_vocab_size, {n: getattr(cfg, n) for n in STREAMS})
         for name in STREAMS:
             self._build_stream(name, configs[name], cfg, use_te, parallel)
-        self._cross_slot = self._map_cross_slots()
+        self.layer_loop = CrossLayerLoop(self)
         if post_process:
             self.fusion = FusionLinear(self.config)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -154,7 +150,7 @@ class JamCrossModel(LanguageModule):
         p: ParentConfig = getattr(cfg, name)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         n_local = get_num_layers_to_build(config, self.vp_stage, pp_rank)
-        stack = TransformerBlock(config, block_spec(parent_layer_spec(p.learnable_norm, use_te), n_local,
+        stack = TransformerBlock(config, block_spec(parent_layer_spec(p, use_te), n_local,
                                                     p.learnable_norm),
                                  pre_process=self.pre_process, post_process=self.post_process,
                                  vp_stage=self.vp_stage)
@@ -169,19 +165,6 @@ class JamCrossModel(LanguageModule):
             setattr(self, f"{name}_rotary", RotaryEmbedding(
                 kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=p.rotary_base,
                 use_cpu_initialization=config.use_cpu_initialization))
-
-    def _map_cross_slots(self) -> dict[int, int]:
-        """Local parent-layer index -> local cross-block index on this stage."""
-        if len(self.llm_cross.layers) == 0:
-            return {}
-        first_cross = self.llm_cross.layers[0].layer_number - 1  # global, 0-based
-        slots = {}
-        for i, layer in enumerate(self.llm.layers):
-            g = layer.layer_number - 1
-            if (g + 1) % self.cfg.cross_every == 0:
-                slots[i] = (g + 1) // self.cfg.cross_every - 1 - first_cross
-        assert sorted(slots.values()) == list(range(len(self.llm_cross.layers))), slots
-        return slots
 
     def zero_cross_outputs(self) -> None:
         """Zero the cross blocks' attention output and MLP output projections (weights and biases)."""
@@ -214,43 +197,15 @@ class JamCrossModel(LanguageModule):
         else:
             b = self.input_tensor.size(1) // 2  # [s, 2b, h] -> 2 x [s, b, h]
             h_llm, h_img = self.input_tensor[:, :b], self.input_tensor[:, b:]
-        rope_llm, rope_img = self._rotary("llm", h_llm), self._rotary("img", h_img)
-        with self._outer_contexts():
-            for i, (layer_llm, layer_img) in enumerate(zip(self.llm.layers, self.img.layers)):
-                if i in self._cross_slot:
-                    x_llm, x_img = self.llm_cross.layers[self._cross_slot[i]], self.img_cross.layers[self._cross_slot[i]]
-                    # Eq. 4, both directions from the states entering layer l: [s(/tp), b, h] each.
-                    with self._layer_context(x_llm):
-                        new_llm = x_llm(h_llm, attention_mask=None, context=h_img)[0]
-                    with self._layer_context(x_img):
-                        h_img = x_img(h_img, attention_mask=None, context=h_llm)[0]
-                    h_llm = new_llm
-                with self._layer_context(layer_llm):
-                    h_llm = layer_llm(h_llm, attention_mask=None, rotary_pos_emb=rope_llm)[0]
-                with self._layer_context(layer_img):
-                    h_img = layer_img(h_img, attention_mask=None, rotary_pos_emb=rope_img)[0]
+        rope = {"llm": self._rotary("llm", h_llm), "img": self._rotary("img", h_img)}
+        h_llm, h_img = self.layer_loop.run(
+            h_llm, h_img,
+            parent=lambda name, i, layer, h: layer(h, attention_mask=None, rotary_pos_emb=rope[name])[0],
+            cross=lambda name, j, block, h, context: block(h, attention_mask=None, context=context)[0],
+            recompute=self.training)
         if self.post_process:
             h_llm, h_img = self.llm.final_layernorm(h_llm), self.img.final_layernorm(h_img)
         return h_llm, h_img
-
-    def _outer_contexts(self):
-        """What `TransformerBlock.forward` wraps its layers in: the model-parallel RNG under
-        sequence parallelism (dropout differs across sequence shards and head shards), and
-        the FP8 context for the delayed-scaling recipe."""
-        stack = contextlib.ExitStack()
-        if self.config.sequence_parallel:
-            stack.enter_context(tensor_parallel.get_cuda_rng_tracker().fork())
-        if self.config.fp8 and self.config.fp8_recipe == Fp8Recipe.delayed:
-            stack.enter_context(get_fp8_context(self.config))
-        return stack
-
-    @staticmethod
-    def _layer_context(layer):
-        """Per-layer FP8 context of the non-delayed recipes (as `TransformerBlock.forward`)."""
-        cfg = layer.config
-        if cfg.fp8 and cfg.fp8_recipe != Fp8Recipe.delayed:
-            return get_fp8_context(cfg, layer.layer_number - 1)
-        return contextlib.nullcontext()
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None) -> Tensor:

@@ -91,7 +91,7 @@ class JamGPTModel(GPTModel):
         n_local = get_num_layers_to_build(config, vp_stage, parallel_state.get_pipeline_model_parallel_rank())
         super().__init__(
             config=config,
-            transformer_layer_spec=block_spec(parent_layer_spec(p.learnable_norm, use_te), n_local,
+            transformer_layer_spec=block_spec(parent_layer_spec(p, use_te), n_local,
                                               p.learnable_norm),
             vocab_size=cfg.padded_vocab_size,
             max_sequence_length=p.max_position_embeddings,
@@ -120,13 +120,17 @@ def load_model_config(path: str) -> JamGPTConfig | JamCrossConfig:
     if not os.path.exists(path):
         raise ConfigError(f"model config {path}: no such file")
     with open(path) as f:
-        d = json.load(f)
+        return model_config_from_dict(json.load(f), where=f"model config {path}")
+
+
+def model_config_from_dict(d: dict, where: str = "model config") -> JamGPTConfig | JamCrossConfig:
+    """The config a `to_dict()` came from, by its `model_type`."""
     kind = d.get("model_type")
     if kind == "gpt":
         return JamGPTConfig.from_dict(d)
     if kind == "jam_cross":
         return JamCrossConfig.from_dict(d)
-    raise ConfigError(f"model config {path}: model_type={kind!r} is not one of 'gpt', 'jam_cross'")
+    raise ConfigError(f"{where}: model_type={kind!r} is not one of 'gpt', 'jam_cross'")
 
 
 def model_class(cfg: JamGPTConfig | JamCrossConfig) -> type:

@@ -24,7 +24,8 @@ def parent_layer_params(p: ParentConfig) -> int:
     attn = _linear(d, d + kv, b) + _linear(d, d, b)
     fc1_out = 2 * p.ffn_size if p.act == "swiglu" else p.ffn_size
     mlp = _linear(d, fc1_out, b) + _linear(p.ffn_size, d, b)
-    return attn + mlp + 2 * _norm(p)
+    qk = 2 * (p.num_attention_heads + p.query_groups) * (d // p.num_attention_heads) if p.qk_layernorm else 0
+    return attn + mlp + 2 * _norm(p) + qk  # Chameleon's per-head q/k norms: weight and bias per head
 
 
 def cross_block_params(cfg: JamCrossConfig, p: ParentConfig) -> int:

@@ -7,6 +7,7 @@ per TP rank), exactly as Megatron-LM does.
 """
 
 import os
+import socket
 
 import torch
 
@@ -27,13 +28,34 @@ def _slurm_env() -> None:
         raise RuntimeError("srun launch: set MASTER_ADDR (the first node of $SLURM_JOB_NODELIST)")
 
 
+def free_port() -> int:
+    """A TCP port of this host that nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _under_launcher() -> bool:
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
 def initialize_distributed() -> None:
-    """Initialise torch.distributed from torchrun/Slurm variables (single process if none)."""
+    """Initialise torch.distributed from torchrun/Slurm variables (single process if none).
+
+    A single process started without a launcher rendezvouses on a free port of its own, not on
+    torchrun's default 29500: two tools run at once on one machine would otherwise collide (EADDRINUSE)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
     _slurm_env()
+    if not _under_launcher() and "MASTER_PORT" not in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        log_rank0(logger, "torch.distributed: backend=%s, one process (no launcher)", backend)
+        return
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

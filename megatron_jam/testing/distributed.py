@@ -19,7 +19,6 @@ Usage::
 import atexit
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
@@ -31,9 +30,9 @@ class DistributedTestError(AssertionError):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from megatron_jam.parallel.initialize import free_port
+
+    return free_port()
 
 
 def _reset_parallel_state() -> None:

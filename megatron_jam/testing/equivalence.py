@@ -12,8 +12,7 @@ to full tensors under the same keys, so every parameter is compared.
 import torch
 import torch.distributed as dist
 
-from megatron_jam.models.config import JamCrossConfig
-from megatron_jam.models.jam_cross import JamCrossModel
+from megatron_jam.models.jam_gpt import model_class, model_config_from_dict
 from megatron_jam.parallel.initialize import initialize_model_parallel
 from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 from megatron_jam.parallel.schedule import forward_backward
@@ -41,17 +40,24 @@ def _mean_loss(reports: list) -> float | None:
     return float(torch.stack([r["lm loss"] for r in reports]).mean())
 
 
-def run_layout(cfg: JamCrossConfig, batches: list[dict], tp: int = 1, pp: int = 1, vpp: int | None = None,
-               sequence_parallel: bool = False, weights: dict | None = None, seed: int = 1234):
-    """One forward-backward step at a layout.
+def run_layout(cfg, batches: list[dict], tp: int = 1, pp: int = 1, vpp: int | None = None,
+               sequence_parallel: bool = False, weights: dict | None = None, load: str | None = None,
+               seed: int = 1234, **config_fields):
+    """One forward-backward step at a layout, of either model kind; weights from `weights` (full tensors),
+    or from the checkpoint `load` (re-sharded by `dist_checkpointing`), else the seeded initialisation;
+    `config_fields` go to the `TransformerConfig` (e.g. `attention_backend`).
 
     Returns (loss, full weights, full grads, parameters held by this rank) on every rank.
     """
     initialize_model_parallel(tp, pp, vpp, seed=seed)
-    chunks = build_model_chunks(JamCrossModel, cfg, parallel_kwargs(tp, pp, vpp, sequence_parallel))
+    chunks = build_model_chunks(model_class(cfg), cfg, parallel_kwargs(tp, pp, vpp, sequence_parallel, **config_fields))
     local_numel = sum(p.numel() for c in chunks for p in c.parameters())
     if weights is not None:
         load_full_state_dict(chunks, weights)
+    if load is not None:
+        from megatron_jam.convert.checkpoint import load_checkpoint
+
+        load_checkpoint([c.module for c in chunks], load)
     full_weights = gather_full_state_dict(chunks)
     mbs, seq = batches[0]["tokens"].shape
     reports = forward_backward(chunks, [iter(batches) for _ in chunks], len(batches), seq, mbs)
@@ -72,11 +78,12 @@ def relative_errors(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) 
 
 
 def equivalence_body(cfg_dict: dict, layouts: list[dict], num_microbatches: int = 4,
-                     micro_batch_size: int = 2, seed: int = 0) -> dict:
-    """Reference TP=1/PP=1 step, then each layout from the same weights; returns per-layout errors."""
-    cfg = JamCrossConfig.from_dict(cfg_dict)
+                     micro_batch_size: int = 2, seed: int = 0, load: str | None = None) -> dict:
+    """Reference TP=1/PP=1 step (weights from the checkpoint `load` when given), then each layout from the
+    same weights; returns per-layout errors. `cfg_dict`: a JAM-Cross or single-stack model config."""
+    cfg = model_config_from_dict(cfg_dict)
     batches = make_batches(cfg.vocab_size, num_microbatches, micro_batch_size, cfg.seq_length, seed)
-    ref_loss, ref_w, ref_g, ref_numel = run_layout(cfg, batches)
+    ref_loss, ref_w, ref_g, ref_numel = run_layout(cfg, batches, load=load)
     out = {"reference_loss": ref_loss, "keys": sorted(ref_g), "reference_local_numel": ref_numel,
            "layouts": {}}
     for layout in layouts:

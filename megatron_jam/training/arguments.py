@@ -13,8 +13,14 @@ import torch
 
 from megatron_jam.models.config import ConfigError
 from megatron_jam.models.jam_gpt import load_model_config, validate_model_parallel
+from megatron_jam.utils.logging import get_logger, log_rank0
+from megatron_jam.utils.paths import output_dir_problem, output_file_problem
+
+logger = get_logger(__name__)
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "jam_cross_tiny.json")
+
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model-config JSON, JAM-Cross or single-stack (default: the model_config.json of --load, "
                         "else the embedded tiny JAM-Cross, examples/configs/jam_cross_tiny.json)")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="Megatron-LM's choices. With --transformer-impl local: auto (default) = PyTorch's "
+                        "scaled_dot_product_attention, flash / fused = its flash / memory-efficient kernel (CUDA), "
+                        "unfused / local = Megatron-Core's DotProductAttention; with transformer_engine: TE's backends")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="activation recomputation (Megatron-LM): full = whole layers (for JAM-Cross a step: the "
+                        "cross pair and layer l of both streams), selective = core attention only")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with full: uniform = every chunk of --recompute-num-layers layers, block = the first "
+                        "--recompute-num-layers layers of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=None)
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -36,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=int, default=20)
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=3e-5)
-    g.add_argument("--lr-warmup-iters", type=int, default=2)
+    g.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help="default: 2, shortened (with a log line) when --lr-decay-iters leaves no room for it")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
                    default="cosine")
@@ -55,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None, help="checkpoint directory (also holds metrics.jsonl)")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", default=None, help="resume from the latest complete checkpoint in this directory")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load this iteration (iter_NNNNNNN) instead of the latest, as Megatron-LM")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoints from background processes; `latest` moves once all ranks finished")
@@ -80,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "unconditional context of classifier-free guidance (docs/generation.md); 0 = plain CM3")
     g.add_argument("--sentinel-loss-weight", type=float, default=1.0)
     g.add_argument("--retrieval-k", type=int, default=0,
-                   help="prepend up to k retrieved documents (prefixes with neighbours from tools/retrieve.py)")
+                   help="prepend up to k retrieved documents (neighbours from tools/retrieve.py); every image-text "
+                        "--data-path prefix (not text-only, not instruction data) must then have PREFIX.neighbors.npy")
+    g.add_argument("--retrieval-optional", nargs="*", default=[], metavar="PREFIX",
+                   help="image-text prefixes that may lack neighbours (trained packed, without retrieval)")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=2)
@@ -136,11 +159,7 @@ def validate_args(args: argparse.Namespace):
         raise ConfigError(f"--global-batch-size={args.global_batch_size} is not divisible by "
                           f"--micro-batch-size={args.micro_batch_size} x data-parallel size={dp}")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters >= args.lr_decay_iters:  # Megatron's scheduler asserts it, without a message
-        raise ConfigError(f"--lr-warmup-iters={args.lr_warmup_iters} must be smaller than --lr-decay-iters="
-                          f"{args.lr_decay_iters} (default: --train-iters)")
+    _resolve_schedule(args)
     if args.save:
         args.exit_signal_handler = True
     if args.bf16 and not torch.cuda.is_available():
@@ -160,8 +179,47 @@ def validate_args(args: argparse.Namespace):
 
         if not HAVE_TE or args.transformer_impl != "transformer_engine":
             raise ConfigError("--fp8-format needs Transformer Engine (--transformer-impl transformer_engine) and a GPU")
+    _check_recompute(args)
     if args.mock_data and args.data_path:
         raise ConfigError("--mock-data and --data-path exclude each other")
     if args.load and not os.path.isdir(args.load):
         raise ConfigError(f"--load {args.load}: no such directory")
+    if args.ckpt_step is not None and args.ckpt_step < 0:
+        raise ConfigError(f"--ckpt-step {args.ckpt_step}: expected an iteration >= 0")
+    for flag in ("save", "tensorboard_dir"):
+        problem = getattr(args, flag) and output_dir_problem(getattr(args, flag))
+        if problem:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {problem}")
+    if args.metrics_file and output_file_problem(args.metrics_file):
+        raise ConfigError(f"--metrics-file {args.metrics_file}: {output_file_problem(args.metrics_file)}")
     return cfg
+
+
+DEFAULT_WARMUP_ITERS = 2
+
+
+def _resolve_schedule(args: argparse.Namespace) -> None:
+    """--lr-decay-iters (default --train-iters) and --lr-warmup-iters, which Megatron's scheduler needs
+    smaller than it (it asserts, without a message). The default warm-up is shortened to fit a short run,
+    with a log line; an explicit one that does not fit is an error."""
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = max(args.train_iters, 1)  # the scheduler needs at least one decay step
+    if args.lr_decay_iters < 1:
+        raise ConfigError(f"--lr-decay-iters={args.lr_decay_iters} must be at least 1")
+    if args.lr_warmup_iters is None:
+        args.lr_warmup_iters = min(DEFAULT_WARMUP_ITERS, args.lr_decay_iters - 1)
+        if args.lr_warmup_iters < DEFAULT_WARMUP_ITERS:
+            log_rank0(logger, "--lr-warmup-iters: the default %d does not fit --lr-decay-iters=%d; warming up "
+                      "for %d iterations", DEFAULT_WARMUP_ITERS, args.lr_decay_iters, args.lr_warmup_iters)
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ConfigError(f"--lr-warmup-iters={args.lr_warmup_iters} must be smaller than --lr-decay-iters="
+                          f"{args.lr_decay_iters} (default: --train-iters)")
+
+
+def _check_recompute(args) -> None:
+    """Megatron-LM's rules for the recomputation flags, as one-line errors before anything starts."""
+    if args.recompute_granularity == "full" and (args.recompute_method is None or not args.recompute_num_layers):
+        raise ConfigError("--recompute-granularity full needs --recompute-method uniform|block and "
+                          "--recompute-num-layers N (N >= 1)")
+    if args.recompute_granularity != "full" and (args.recompute_method or args.recompute_num_layers):
+        raise ConfigError("--recompute-method / --recompute-num-layers apply to --recompute-granularity full only")

@@ -11,6 +11,7 @@ writing, so a crash during a save leaves the previous checkpoint as `latest`.
 
 import functools
 import json
+import logging
 import os
 import random
 from typing import NamedTuple
@@ -21,7 +22,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_jam.models.config import ConfigError
 from megatron_jam.parallel.model import unwrap
+from megatron_jam.utils import safe_checkpoint
 from megatron_jam.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)
@@ -41,7 +44,7 @@ def read_latest(root: str) -> int | None:
         return None
     text = open(path).read().strip()
     if not text.isdigit():
-        raise ValueError(f"{path}: expected an iteration number, found {text!r}")
+        raise safe_checkpoint.CheckpointError(f"{path}: expected an iteration number, found {text!r}")
     return int(text)
 
 
@@ -52,7 +55,7 @@ def resolve_checkpoint_dir(root: str, iteration: int | None = None) -> tuple[str
     if iteration is None and os.path.exists(os.path.join(root, "metadata.json")):
         return root, None
     if iteration is None:
-        raise FileNotFoundError(f"--load {root}: neither a checkpoint (metadata.json) nor a training "
+        raise safe_checkpoint.CheckpointError(f"--load {root}: neither a checkpoint (metadata.json) nor a training "
                                 f"directory with {TRACKER}")
     return checkpoint_dir(root, iteration), iteration
 
@@ -246,16 +249,68 @@ def _check_layout(path: str, saved: list | None, optimizer, load_rng: bool) -> b
     return False
 
 
+def _earlier_complete(root: str, iteration: int | None) -> str:
+    """What to say about the other checkpoints of `root` when iteration `iteration` cannot be read."""
+    if iteration is None:
+        return ""
+    earlier = sorted((int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit()
+                      and int(d[5:]) < iteration), reverse=True)
+    for it in earlier:
+        try:
+            safe_checkpoint.verify(checkpoint_dir(root, it))
+        except safe_checkpoint.CheckpointError:
+            continue
+        return f"; the earlier checkpoint {checkpoint_dir(root, it)} is complete: load it with --ckpt-step {it}"
+    return f"; {root} holds no earlier complete checkpoint"
+
+
+RESUME_KEPT = ("seq_length",)
+"""Settings a resume must keep: sample N of another sequence length is other tokens, so the exact data
+position (and so the bit-identical continuation) would be lost."""
+RESUME_CHANGEABLE = ("global_batch_size",)
+"""Settings a resume may change (logged): the data position is a sample count, kept exactly."""
+
+
+def _check_resume_args(path: str, saved_json: str | None, now: dict | None) -> None:
+    """Compare the run's settings with those the checkpoint was trained with (Megatron-LM logs changes)."""
+    if not saved_json or not now:
+        return
+    saved = json.loads(saved_json)
+    for key in RESUME_KEPT:
+        if key in saved and saved[key] != now.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{path}: trained with {flag} {saved[key]}, this run has {now.get(key)}: a resume keeps the data "
+                f"position only at the same {flag}; keep it, or start a new phase from these weights with --finetune")
+    for key in RESUME_CHANGEABLE:
+        if key in saved and saved[key] != now.get(key):
+            log_rank0(logger, "resuming %s with --%s %s (trained with %s): training continues from the same "
+                      "consumed-sample count, each iteration now takes %s samples", path, key.replace("_", "-"),
+                      now.get(key), saved[key], now.get(key), level=logging.WARNING)
+
+
 def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, load_rng: bool = True,
-                    iteration: int | None = None, finetune: bool = False) -> Position:
+                    iteration: int | None = None, finetune: bool = False, run_args: dict | None = None) -> Position:
     """Restore model (and optimizer, scheduler, RNG if given/asked); returns where the run stands.
 
     `finetune` (Megatron's `--finetune`) loads the model weights only and starts at iteration 0.
     A checkpoint that holds only a model (what `tools/convert_checkpoint.py` writes) is loaded
-    that way automatically.
+    that way automatically. `run_args` (the run's settings) are checked against the checkpoint's on a
+    resume. A file that is missing, cut short or not safe to read raises `CheckpointError` naming it and
+    the newest earlier checkpoint that is complete.
     """
     path, iteration = resolve_checkpoint_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(path)
+    try:
+        return _load(path, chunks, optimizer, scheduler, load_rng, finetune, run_args)
+    except safe_checkpoint.CheckpointMismatchError:
+        raise  # every checkpoint of the run would mismatch alike
+    except safe_checkpoint.CheckpointError as e:
+        raise safe_checkpoint.CheckpointError(f"{e}{_earlier_complete(root, iteration)}") from e
+
+
+def _load(path: str, chunks: list, optimizer, scheduler, load_rng: bool, finetune: bool,
+          run_args: dict | None) -> Position:
+    common = safe_checkpoint.load_common_state_dict(path)
     model_only = finetune or "opt_param_scheduler" not in common
     fresh_optimizer = None
     if model_only:
@@ -264,11 +319,12 @@ def load_checkpoint(root: str, chunks: list, optimizer=None, scheduler=None, loa
         fresh_optimizer, optimizer, scheduler = optimizer, None, None
         load_rng = False
     else:
+        _check_resume_args(path, common.get("args"), run_args)
         load_rng = _check_layout(path, common.get("parallel_layout"), optimizer, load_rng)
     state = _sharded_state(chunks, optimizer, scheduler, loading=True)
     if not load_rng:
         state.pop("rng_state")
-    loaded = dist_checkpointing.load(state, path)
+    loaded = safe_checkpoint.load(state, path)
     for key, chunk in zip(_model_state_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(loaded[key])
     if optimizer is not None:

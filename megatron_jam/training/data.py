@@ -59,14 +59,41 @@ def _retrieval(args):
     return RetrievalConfig(k=args.retrieval_k)
 
 
-def _check_vocab(cfg, prefix: str):
-    from megatron_jam.data.vocab import load_layout
+def _check_neighbors(args, blend) -> None:
+    """With --retrieval-k, an image-text prefix without neighbours is an error, not silently packed samples."""
+    from megatron_jam.data.retrieval import missing_neighbors, neighbors_path
 
-    layout = load_layout(prefix)
-    if layout.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"{prefix}: the vocabulary layout has {layout.vocab_size} ids but the model's "
-                          f"vocab_size is {cfg.vocab_size} (model config {cfg.to_dict().get('model_type')})")
-    return layout
+    missing = missing_neighbors(blend, getattr(args, "retrieval_optional", None) or []) if args.retrieval_k else []
+    if missing:
+        raise ConfigError(f"--retrieval-k {args.retrieval_k}: image-text prefix {missing[0]} has no "
+                          f"{neighbors_path(missing[0])}; run tools/retrieve.py --data-path {missing[0]} --index "
+                          f"INDEX, or pass --retrieval-optional {missing[0]}, or drop --retrieval-k "
+                          "(recipes: RETRIEVAL=0)")
+
+
+def check_data(args, cfg, checkpoint_dir: str | None = None) -> list:
+    """Every dataset the run reads (the --data-path blend, the --valid-data-path sets), before the model is
+    built: its .bin against its .idx, its layout against the checkpoint's (`checkpoint_dir`, the folder the run
+    resumes from, when it records one) and against the model's vocab_size. Returns the blend's layouts.
+    One ConfigError naming the file, as for the other settings a run cannot start with."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    from megatron_jam.data.integrity import DatasetFileError, check_data_for_checkpoint
+
+    if not args.data_path:
+        return []
+    blend = list(get_blend_from_list(list(args.data_path))[0])
+    _check_neighbors(args, blend)
+    named = [entry.partition("=")[2] or entry for entry in args.valid_data_path or []]
+    try:
+        layouts = check_data_for_checkpoint(blend + named, checkpoint_dir)
+    except DatasetFileError as e:
+        raise ConfigError(str(e)) from e
+    for prefix, layout in layouts.items():
+        if layout.vocab_size > cfg.vocab_size:
+            raise ConfigError(f"{prefix}: the vocabulary layout has {layout.vocab_size} ids but the model's "
+                              f"vocab_size is {cfg.vocab_size} (model config {cfg.to_dict().get('model_type')})")
+    return [layouts[p] for p in blend]
 
 
 def _record_layout(save, layouts) -> None:
@@ -93,7 +120,6 @@ def _named_valid_sets(args, cfg, n_valid: int) -> dict:
         name, sep, prefix = entry.partition("=")
         if not sep:
             name, prefix = entry.rsplit("/", 1)[-1], entry
-        _check_vocab(cfg, prefix)
         _, valid, _ = build_train_valid_test_datasets(
             [prefix], "0,100,0", args.seq_length, args.seed, (None, n_valid, None), _cm3(args),
             retrieval=_retrieval(args), data_cache_path=args.data_cache_path, is_built_on_rank=_every_rank)
@@ -101,8 +127,9 @@ def _named_valid_sets(args, cfg, n_valid: int) -> dict:
     return out
 
 
-def build_data_sources(args, cfg) -> tuple[object, dict]:
-    """(train source, {validation set name: source}); mock data when no --data-path is given."""
+def build_data_sources(args, cfg, checkpoint_dir: str | None = None) -> tuple[object, dict]:
+    """(train source, {validation set name: source}); mock data when no --data-path is given. The data is
+    checked first (`check_data`; cached, so the trainer's earlier call costs nothing twice)."""
     n_train = args.train_iters * args.global_batch_size
     evaluates = bool(args.eval_interval and args.eval_iters)
     n_valid = (args.eval_iters * args.global_batch_size * (args.train_iters // args.eval_interval + 1)
@@ -113,10 +140,8 @@ def build_data_sources(args, cfg) -> tuple[object, dict]:
         train = MockInterleavedData(cfg.vocab_size, args.seq_length, seed=args.seed, num_samples=args.mock_data_samples)
         return train, {"valid": valid}
     from megatron_jam.data.cm3_dataset import build_train_valid_test_datasets
-    from megatron.core.datasets.utils import get_blend_from_list
 
-    layouts = [_check_vocab(cfg, prefix) for prefix in get_blend_from_list(list(args.data_path))[0]]
-    _record_layout(args.save, layouts)
+    _record_layout(args.save, check_data(args, cfg, checkpoint_dir))
     # Samples only from the splits the run reads: no test set, no validation set without --eval-interval
     # (0 = an empty set, so a tiny corpus whose split rounds them to 0 documents still trains).
     train, valid, _ = build_train_valid_test_datasets(

@@ -34,7 +34,8 @@ from megatron_jam.training.arguments import build_parser, validate_args
 from megatron_jam.training.checkpointing import load_checkpoint, read_latest, save_checkpoint
 from megatron_jam.training.metrics import (MetricsWriter, any_rank_true, format_line, format_modality_loss,
                                             reduce_step_losses)
-from megatron_jam.training.data import build_data_sources
+from megatron_jam.training.data import build_data_sources, check_data
+from megatron_jam.training.run_lock import lock_run_dir
 from megatron_jam.training.signals import SigtermFlag
 from megatron_jam.utils.logging import get_logger, log_rank0
 
@@ -138,7 +139,11 @@ class _Run:
 
 
 def _build(args, cfg):
+    from megatron.core.transformer.enums import AttnBackend
+
     extra = {"fp8": args.fp8_format} if args.fp8_format else {}
+    extra["attention_backend"] = AttnBackend[args.attention_backend]
+    extra |= {k: getattr(args, k) for k in ("recompute_granularity", "recompute_method", "recompute_num_layers")}
     chunks = build_model_chunks(
         model_class(cfg), cfg,
         parallel_kwargs(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -146,11 +151,18 @@ def _build(args, cfg):
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                  use_distributed_optimizer=args.use_distributed_optimizer),
         use_te=args.transformer_impl == "transformer_engine")
-    log_rank0(logger, "%s: %.3fM parameters; TP=%d PP=%d DP=%d SP=%s; %d micro-batches of %d",
+    log_rank0(logger, "%s: %.3fM parameters; TP=%d PP=%d DP=%d SP=%s; %d micro-batches of %d; attention %s",
               _describe(cfg), model_params(cfg) / 1e6, args.tensor_model_parallel_size,
               args.pipeline_model_parallel_size, args.data_parallel_size, args.sequence_parallel,
-              args.num_microbatches, args.micro_batch_size)
+              args.num_microbatches, args.micro_batch_size, _attention(args))
     return chunks
+
+
+def _attention(args) -> str:
+    if args.transformer_impl == "transformer_engine":
+        return f"Transformer Engine ({args.attention_backend})"
+    unfused = args.attention_backend in ("unfused", "local")
+    return "Megatron-Core unfused" if unfused else f"PyTorch SDPA ({args.attention_backend})"
 
 
 def _describe(cfg) -> str:
@@ -208,19 +220,35 @@ def _resume_dir(args) -> str | None:
     return args.load
 
 
+RESUME_SETTINGS = ("global_batch_size", "seq_length")
+
+
 def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
-    """Run `args.train_iters` iterations (from a checkpoint if `--load`); returns the step records."""
+    """Run `args.train_iters` iterations (from a checkpoint if `--load`); returns the step records.
+    The `--save` folder is locked for the run (`run_lock`): a second run on it fails at once."""
+    lock = lock_run_dir(args.save) if args.save else None
+    try:
+        return _train(args, cfg, forward_step_func)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args, cfg, forward_step_func) -> list[dict]:
+    resume_from = _resume_dir(args)
+    check_data(args, cfg, resume_from)  # bad or mismatched data: one line before the model is built
     chunks = _build(args, cfg)
     opt, sched = _optimizer(args, chunks)
     run = _Run(args, cfg, chunks, opt, sched)
-    resume_from = _resume_dir(args)
     if resume_from:
         finetune = args.finetune and resume_from == args.load
         run.iteration, run.consumed, run.skipped_total = load_checkpoint(
-            resume_from, chunks, opt, sched, load_rng=not args.no_load_rng, finetune=finetune)
+            resume_from, chunks, opt, sched, load_rng=not args.no_load_rng, finetune=finetune,
+            iteration=args.ckpt_step, run_args={k: getattr(args, k) for k in RESUME_SETTINGS})
     metrics_file = args.metrics_file or (os.path.join(args.save, "metrics.jsonl") if args.save else None)
-    writer = MetricsWriter(metrics_file, args.tensorboard_dir, args.wandb_project, vars(args))
-    data, valid_sets = build_data_sources(args, cfg)
+    writer = MetricsWriter(metrics_file, args.tensorboard_dir, args.wandb_project, vars(args),
+                           start_iteration=run.iteration)
+    data, valid_sets = build_data_sources(args, cfg, resume_from)
     sigterm = SigtermFlag() if args.exit_signal_handler else None
     try:
         _loop(run, data, valid_sets, writer, sigterm, forward_step_func)

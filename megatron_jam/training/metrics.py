@@ -63,13 +63,14 @@ class MetricsWriter:
     """Writes each logged step to the log, a JSON-lines file, and optionally TensorBoard / W&B."""
 
     def __init__(self, metrics_file: str | None, tensorboard_dir: str | None = None,
-                 wandb_project: str | None = None, run_config: dict | None = None):
+                 wandb_project: str | None = None, run_config: dict | None = None, start_iteration: int = 0):
         self.active = is_logging_rank()
         self._file = self._tb = self._wandb = None
         if not self.active:
             return
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            drop_rows_after(metrics_file, start_iteration)
             self._file = open(metrics_file, "a")
         if tensorboard_dir:
             try:
@@ -104,6 +105,36 @@ class MetricsWriter:
             self._file.close()
         if self._tb:
             self._tb.close()
+
+
+def drop_rows_after(path: str, iteration: int) -> None:
+    """Remove the rows of iterations after `iteration` (the one the run starts from) from a metrics file.
+
+    Why: a run that died after its last checkpoint logged steps that the resumed run replays; the
+    checkpoint defines what happened, so the file keeps one row per step. Rewritten atomically (a
+    crash here leaves the old file); lines that are not JSON (a write cut by a kill) are dropped too."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("iteration"), int) and row["iteration"] > iteration:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if not dropped:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    logger.info("%s: dropped %d rows past iteration %d (the run continues from its checkpoint)", path, dropped,
+                iteration)
 
 
 def _jsonable(v):

@@ -1,0 +1,80 @@
+"""A tiny "Chameleon-like" model folder, built in-process (no download).
+
+Chameleon's tokenizer.json (65,536 ids) begins with `<s>` `<pad>` `</s>` `<unk>`
+(0..3), then the 8,192 image-code tokens `IMGIMG<letters>Z` (ids 4..8195, in no
+code order), `<eoss>` (8196), `<racm3:break>` (8197), reserved tokens
+`<reservedNNNNN>` (among them `<reserved08706>`, end of turn, and
+`<reserved08707>`, which transformers' conversion renames `<image>`), then the
+BPE text tokens. Here the codebook has CODEBOOK codes placed at ids 4.. in a
+shuffled code order, only the reserved tokens the family uses plus a block from
+`<reserved08900>` exist, and the BPE is trained on a few sentences; every lookup
+by token string is Chameleon's. config.json carries `vocabulary_map` (the whole
+vocabulary, `<image>` included) as transformers' conversion writes it.
+"""
+
+import json
+import os
+
+import numpy as np
+
+CODEBOOK, BPE_SIZE = 64, 300
+TEXTS = ["a red square on a blue field", "the cat sat on the mat 12 times", "three small green circles",
+         "hello world, this is a tiny corpus 0123456789"] * 20
+HEAD = ["<s>", "<pad>", "</s>", "<unk>"]
+RESERVED = ([8706, 8707] + list(range(8796, 8800)) + list(range(8800, 8865)) + list(range(8900, 8940)))
+
+
+def code_name(code: int) -> str:
+    """Chameleon's name of image code `code`: its decimal digits as letters A..J between IMGIMG and Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def code_order(codebook: int = CODEBOOK, seed: int = 0) -> list:
+    """code -> id of the tiny vocabulary: ids 4 .. 4 + codebook - 1 in a shuffled code order."""
+    perm = np.random.default_rng(seed).permutation(codebook)
+    return [4 + int(i) for i in np.argsort(perm)]  # id 4 + k holds code perm[k]
+
+
+def special_tokens(codebook: int = CODEBOOK) -> list:
+    """Token strings of ids 0 .. (everything before the text BPE), in id order."""
+    code_at = np.empty(codebook, dtype=object)
+    for code, tid in enumerate(code_order(codebook)):
+        code_at[tid - 4] = code_name(code)
+    reserved = ["<image>" if n == 8707 else f"<reserved{n:05d}>" for n in RESERVED]
+    return HEAD + list(code_at) + ["<eoss>", "<racm3:break>"] + reserved
+
+
+def make_chameleon_model_folder(folder: str, codebook: int = CODEBOOK, lumina: bool = False,
+                                vocab_size: int = 0) -> str:
+    """Write tokenizer.json, tokenizer_config.json and config.json (with vocabulary_map) into `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trained.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=BPE_SIZE, show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(trained.to_str())["model"]
+    specials = special_tokens(codebook)
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab |= {tok: len(specials) + i for tok, i in model["vocab"].items()}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([t for t in specials if not t.startswith("IMGIMG")])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>"}, f)
+    arch = "ChameleonXLLMXForConditionalGeneration" if lumina else "ChameleonForConditionalGeneration"
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": "chameleon", "architectures": [arch], "vocab_size": vocab_size or len(vocab),
+                   "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, "vocabulary_map": vocab}, f)
+    return folder
+
+
+def token_id(folder: str, token: str) -> int:
+    """Id of `token` in the folder's tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    return int(Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).token_to_id(token))

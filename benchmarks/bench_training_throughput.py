@@ -163,6 +163,12 @@ def main():
     p.add_argument("--attention-backends", default="auto",
                    help="comma-separated --attention-backend values run side by side (e.g. auto,unfused: SDPA "
                         "vs Megatron-Core's unfused attention; speed ratios against the last one)")
+    p.add_argument("--num-workers", default="0",
+                   help="comma-separated --num-workers values run side by side (e.g. 0,2: micro-batches built on "
+                        "the training thread vs by background workers)")
+    p.add_argument("--data-path", nargs="+", default=None,
+                   help="train on these shards (the trainer's --data-path) instead of mock data: what the data "
+                        "workers are for")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     from megatron_jam.training.loop import main as train
@@ -172,6 +178,7 @@ def main():
     parent = _parent(a)
     configs = _configs(parent, a.vocab_size, a.seq_length, a.cross_every)
     backends = a.attention_backends.split(",")
+    worker_counts = [int(w) for w in a.num_workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.methods.split(","):
             cfg = configs[name]
@@ -180,18 +187,25 @@ def main():
                 json.dump(cfg, f)
             argv = ["--model-config", path, "--train-iters", str(a.iters), "--seq-length", str(a.seq_length),
                     "--micro-batch-size", str(a.micro_batch_size), "--global-batch-size", str(a.global_batch_size),
-                    "--log-interval", str(10**6)] + (["--bf16"] if a.bf16 else []) + (
+                    "--log-interval", str(10**6)] + (["--data-path", *a.data_path, "--split", "100,0,0"]
+                                                     if a.data_path else []) + (["--bf16"] if a.bf16 else []) + (
                    ["--use-distributed-optimizer"] if a.use_distributed_optimizer else [])
-            for backend in backends:
-                label = name if len(backends) == 1 else f"{name} [{backend}]"
+            for backend, workers in [(b, w) for b in backends for w in worker_counts]:
+                label = name + (f" [{backend}]" if len(backends) > 1 else "") + (
+                    f" [workers {workers}]" if len(worker_counts) > 1 else "")
                 _reset_memory()
                 _forget_attention_backend()
-                hist = train(argv + ["--attention-backend", backend])[a.warmup:]
+                hist = train(argv + ["--attention-backend", backend, "--num-workers", str(workers)])[a.warmup:]
                 out[label] = {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in hist),
                               "tflops_per_gpu": statistics.median(r["tflops_per_gpu"] for r in hist),
                               "iteration_time_ms": statistics.median(r["iteration_time_ms"] for r in hist),
                               "final_lm_loss": hist[-1]["lm_loss"], "peak_memory_gib": _peak_memory_gib()}
-            if len(backends) > 1:
+            if len(worker_counts) > 1 and len(backends) == 1:
+                base = out[f"{name} [workers {worker_counts[0]}]"]["tokens_per_sec"]
+                for workers in worker_counts[1:]:
+                    r = out[f"{name} [workers {workers}]"]
+                    r[f"speed_vs_workers_{worker_counts[0]}"] = r["tokens_per_sec"] / base
+            if len(backends) > 1 and len(worker_counts) == 1:
                 base = out[f"{name} [{backends[-1]}]"]["tokens_per_sec"]
                 for backend in backends[:-1]:
                     out[f"{name} [{backend}]"][f"speed_vs_{backends[-1]}"] = (

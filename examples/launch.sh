@@ -42,7 +42,7 @@ PAPER_PRETRAIN+=("${RETRIEVAL_ARGS[@]}")
 PAPER_INSTRUCT+=("${RETRIEVAL_ARGS[@]}")
 GPU_ARGS=()
 if has_gpu; then
-  GPU_ARGS=(--bf16 --use-distributed-optimizer)
+  GPU_ARGS=(--bf16 --use-distributed-optimizer --num-workers 2)
   # Transformer Engine specs where TE is installed (NGC images); Megatron-Core's local specs otherwise.
   if "$PY" -c "import transformer_engine" >/dev/null 2>&1; then GPU_ARGS+=(--transformer-impl transformer_engine); fi
 fi

@@ -63,10 +63,12 @@ def build_model_chunks(model_cls: Callable, cfg, parallel: dict, wrap_ddp: bool 
     ]
     config = chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
-    if len(wrapped) > 1:
-        config.no_sync_func = [m.no_sync for m in wrapped]
-    else:
-        config.no_sync_func = wrapped[0].no_sync
+    one = len(wrapped) == 1  # Megatron-LM's setup: a function for one chunk, a list per virtual stage
+    config.no_sync_func = wrapped[0].no_sync if one else [m.no_sync for m in wrapped]
+    if ddp_config.overlap_grad_reduce:  # the schedule starts each chunk's reduction when its last backward ends
+        config.grad_sync_func = wrapped[0].start_grad_sync if one else [m.start_grad_sync for m in wrapped]
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        config.param_sync_func = wrapped[0].start_param_sync if one else [m.start_param_sync for m in wrapped]
     return wrapped
 
 

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="all-reduce (reduce-scatter) gradient buckets during the backward pass (Megatron-Core DDP)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather updated parameters during the next forward (needs --use-distributed-optimizer)")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="parameters per gradient bucket (default: Megatron-Core's, one bucket without overlap)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute, fp32 main weights")
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
@@ -93,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid-data-path", nargs="*", default=None,
                    help="extra validation sets, each NAME=PREFIX (e.g. text=wiki_valid image=coco_valid)")
     g.add_argument("--data-cache-path", default=None, help="where Megatron's dataset index cache goes")
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="background processes building the next steps' micro-batches (Megatron-LM's flag; 2 on "
+                        "GPU machines through examples/launch.sh); 0: built on the training thread")
     g.add_argument("--no-cm3", action="store_true", help="plain causal LM instead of the CM3 objective")
     g.add_argument("--cm3-lambda", type=float, default=1.0, help="Poisson mean of masked spans per sample")
     g.add_argument("--cm3-caption-mask-prob", type=float, default=0.1,
@@ -180,6 +189,9 @@ def validate_args(args: argparse.Namespace):
         if not HAVE_TE or args.transformer_impl != "transformer_engine":
             raise ConfigError("--fp8-format needs Transformer Engine (--transformer-impl transformer_engine) and a GPU")
     _check_recompute(args)
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (it gathers the parameters the "
+                          "distributed optimizer updated)")
     if args.mock_data and args.data_path:
         raise ConfigError("--mock-data and --data-path exclude each other")
     if args.load and not os.path.isdir(args.load):

@@ -17,6 +17,7 @@ resumed run reads exactly what the uninterrupted run would have read.
 import math
 import os
 import time
+from functools import partial
 
 import torch
 from megatron.core import parallel_state
@@ -35,6 +36,7 @@ from megatron_jam.training.checkpointing import load_checkpoint, read_latest, sa
 from megatron_jam.training.metrics import (MetricsWriter, any_rank_true, format_line, format_modality_loss,
                                             reduce_step_losses)
 from megatron_jam.training.data import build_data_sources, check_data
+from megatron_jam.training.prefetch import BatchPrefetcher
 from megatron_jam.training.run_lock import lock_run_dir
 from megatron_jam.training.signals import SigtermFlag
 from megatron_jam.utils.logging import get_logger, log_rank0
@@ -60,30 +62,39 @@ def _optimizer(args, chunks):
     return opt, sched
 
 
-def _batches(data, args, consumed_samples: int) -> list[dict]:
+def _batches(data, args, consumed_samples: int, dp_rank: int | None = None) -> list[dict]:
     """This data-parallel rank's micro-batches of the global batch starting at `consumed_samples`."""
-    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank() if dp_rank is None else dp_rank
     first = consumed_samples + dp_rank * args.num_microbatches * args.micro_batch_size
     return [data.microbatch(first + m * args.micro_batch_size, args.micro_batch_size)
             for m in range(args.num_microbatches)]
 
 
 def _optimizer_step(opt, loss_is_finite: bool) -> tuple[float, bool]:
-    """Skip the update when the loss or the gradient norm is not finite; else clip and step.
+    """One pass of Megatron-Core's step, split where the skip decision goes: prepare the gradients, take the
+    global norm once, skip the update when the loss or the norm is not finite, else clip with that norm
+    (`clip_grad_by_total_norm_fp32`, as `ChainedOptimizer.step`) and `step_with_ready_grads`.
 
-    The gradient norm is computed once more by `opt.step()` (Megatron's step does not
-    expose a hook between norm and update); the extra pass is small next to the step.
-    """
-    for o in getattr(opt, "chained_optimizers", [opt]):
-        # prepare_grads runs again inside step(): harmless without a loss scaler (fp32, bf16), wrong with one
+    Why not `opt.step()`: it computes the norm again (a second all-reduce over every gradient) and has no
+    hook between norm and update. Same update as `opt.step()` (tests/test_training_resume.py)."""
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    optimizers = getattr(opt, "chained_optimizers", [opt])
+    for o in optimizers:
+        # Without a loss scaler (fp32, bf16) prepare_grads only moves gradients; fp16 scaling is not supported here.
         assert getattr(o, "grad_scaler", None) is None, "fp16 loss scaling is not supported by this loop"
     opt.prepare_grads()
     grad_norm = opt.get_grad_norm()
     if not loss_is_finite or grad_norm is None or not math.isfinite(grad_norm):
         opt.zero_grad()
         return float("nan") if grad_norm is None else grad_norm, False
-    ok, grad_norm, _ = opt.step()
-    return grad_norm, bool(ok)
+    for o in optimizers:
+        params = [] if getattr(o, "is_stub_optimizer", False) else o.get_parameters()
+        if params and o.config.clip_grad > 0.0:
+            mcore_optimizer.clip_grad_by_total_norm_fp32(  # the module's name: the CPU layer patches it there
+                params, max_norm=o.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return grad_norm, bool(opt.step_with_ready_grads())
 
 
 def _evaluate(chunks, args, valid_sets: dict, iteration: int, writer: MetricsWriter) -> dict:
@@ -148,8 +159,10 @@ def _build(args, cfg):
         model_class(cfg), cfg,
         parallel_kwargs(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         args.virtual_pipeline_model_parallel_size, args.sequence_parallel, args.bf16, **extra),
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                 use_distributed_optimizer=args.use_distributed_optimizer),
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+            align_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size),
         use_te=args.transformer_impl == "transformer_engine")
     log_rank0(logger, "%s: %.3fM parameters; TP=%d PP=%d DP=%d SP=%s; %d micro-batches of %d; attention %s",
               _describe(cfg), model_params(cfg) / 1e6, args.tensor_model_parallel_size,
@@ -183,14 +196,15 @@ def _record(run: _Run, losses: dict, grad_norm: float, dt: float) -> dict:
             "global_batch_size": a.global_batch_size, "skipped_iterations": run.skipped_total}
 
 
-def _train_step(run: _Run, data, forward_step_func) -> dict:
+def _train_step(run: _Run, data: BatchPrefetcher, forward_step_func) -> dict:
     a = run.args
     t0 = time.perf_counter()
     # Megatron-LM's order: zero the DDP grad buffers (inside forward_backward) and the
     # optimizer's grads. FP32Optimizer aliases param.grad to main_grad; a stale alias would
     # make autograd accumulate into main_grad and the DDP hook add it a second time.
     run.opt.zero_grad()
-    iters = [iter(_batches(data, a, run.consumed)) for _ in run.chunks]
+    batches = data.next(run.consumed)
+    iters = [iter(batches) for _ in run.chunks]
     reports = forward_backward(run.chunks, iters, a.num_microbatches, a.seq_length, a.micro_batch_size,
                                forward_step_func=forward_step_func)
     losses = reduce_step_losses(reports)
@@ -249,11 +263,15 @@ def _train(args, cfg, forward_step_func) -> list[dict]:
     writer = MetricsWriter(metrics_file, args.tensorboard_dir, args.wandb_project, vars(args),
                            start_iteration=run.iteration)
     data, valid_sets = build_data_sources(args, cfg, resume_from)
+    prefetch = BatchPrefetcher(partial(_batches, data, args, dp_rank=parallel_state.get_data_parallel_rank()),
+                               run.consumed, args.global_batch_size, args.train_iters - run.iteration,
+                               args.num_workers)
     sigterm = SigtermFlag() if args.exit_signal_handler else None
     try:
-        _loop(run, data, valid_sets, writer, sigterm, forward_step_func)
+        _loop(run, prefetch, valid_sets, writer, sigterm, forward_step_func)
         run.finalize_saves(blocking=True)
     finally:
+        prefetch.close()
         writer.close()
         if sigterm:
             sigterm.restore()

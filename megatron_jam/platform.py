@@ -197,16 +197,37 @@ def _patch_rng() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
+def _have_megatron_core() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("megatron.core") is not None
+    except ModuleNotFoundError:  # no `megatron` package at all
+        return False
+
+
+def _warn_on_other_version() -> None:
+    """One warning when the installed Megatron-Core is not the version this layer was checked on."""
+    import warnings
+
+    try:
+        check_megatron_core_version()
+    except (RuntimeError, importlib.metadata.PackageNotFoundError) as e:
+        warnings.warn(str(e), RuntimeWarning, stacklevel=3)
+
+
 def install() -> bool:
-    """Install the CPU layer if CUDA is absent. Returns True if installed (idempotent)."""
+    """Install the CPU layer if CUDA is absent. Returns True if installed (idempotent).
+
+    Without Megatron-Core installed at all the package still imports (the data tools need none of it);
+    an installed Megatron-Core whose names moved fails here with its ImportError, not later and silently."""
     global _INSTALLED
     if _INSTALLED or torch.cuda.is_available():
         return _INSTALLED
     _patch_devices()
-    try:
+    if _have_megatron_core():
+        _warn_on_other_version()
         _patch_rng()
         _patch_optimizer()
-    except ImportError:  # megatron-core missing: the package still imports for tools.
-        pass
     _INSTALLED = True
     return True

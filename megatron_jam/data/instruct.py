@@ -140,8 +140,3 @@ def build_instruct_sequences(segments: Sequence[Tuple[bool, str, np.ndarray]], l
     run_loss = last_loss
     flush()
     return sequences, modes, flags
-
-
-def token_loss_weights(flags: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Per-token weights (float32) of consecutive sequences from their flags and lengths."""
-    return np.repeat(np.asarray(flags, dtype=np.float32), np.asarray(lengths, dtype=np.int64))

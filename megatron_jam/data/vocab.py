@@ -226,13 +226,6 @@ class VocabLayout:
         return self.special_ids[f"<sentinel:{i}>"] if self.native else self.eos_span_id + 1 + i
 
     @property
-    def num_special_tokens(self) -> int:
-        """Appended layout: ids between the text vocabulary and the image codes; native: role ids + markers."""
-        if self.native:
-            return len(set(self.special_ids.values()) | set(self.image_markers.values()))
-        return self.image_offset - self.text_vocab_size
-
-    @property
     def image_offset(self) -> int:
         """Id of image code 0 (in a native layout with an explicit code map, codes need not follow it:
         convert with `image_ids` / `image_codes`)."""

@@ -22,8 +22,13 @@ a GPU cluster (`get_forward_backward_func`, `ColumnParallelLinear`,
 4. replace the optimizer's gradient clipping, whose only CUDA dependence is
    an assertion that gradients are `torch.cuda.FloatTensor`.
 
-`install()` does all of it once and is a no-op when CUDA is available, so a
-GPU cluster runs unmodified Megatron-Core. Every wrapper only rewrites CUDA
+`install()` (run by `import megatron_jam`) does all of it once and is a no-op
+when CUDA is available, so a GPU cluster runs unmodified Megatron-Core. It
+patches torch and Megatron-Core as they are imported (an import hook), so
+that tools which need neither (`--help`, text preprocessing, inspection)
+start at once; it also filters the known, non-actionable start-up warnings
+(`KNOWN_WARNINGS`, the one place they are listed) before Megatron-Core is
+imported and says instead, in one log line, which kernels run. Every wrapper only rewrites CUDA
 devices, which cannot work on a CPU-only machine anyway. Note that importing
 `megatron_jam` applies it to the whole process: code that probes for CUDA by
 allocating on "cuda" (instead of `torch.cuda.is_available()`) is misled. The layer was checked
@@ -33,10 +38,16 @@ upgrade breaks any of the patched entry points.
 
 import contextlib
 import functools
+import importlib.abc
 import importlib.metadata
+import importlib.util
+import sys
+import warnings
 from typing import Any
 
-import torch
+# Bound by `_bind_torch` once torch is imported: `import megatron_jam` must not import torch (2-3 s)
+# or Megatron-Core (5 s), so that `--help` and the data tools start at once.
+torch = None
 
 MEGATRON_CORE_VERSION = "0.16.1"
 
@@ -87,6 +98,11 @@ def _cpu_tensor_to(to):
     return wrapper
 
 
+def _bind_torch() -> None:
+    global torch
+    import torch  # noqa: F811  (binds the module-level name)
+
+
 def _patch_devices() -> None:
     # torch's default-device mode (`with torch.device("meta"):`, used by transformers'
     # from_pretrained) recognises factories by identity in a set it builds on first use;
@@ -108,7 +124,7 @@ def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bo
     return torch.get_rng_state()
 
 
-def _cpu_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False):
+def _cpu_set_rng_state(new_state: "torch.Tensor", device: int = -1, graph_safe: bool = False):
     torch.set_rng_state(new_state)
 
 
@@ -197,15 +213,6 @@ def _patch_rng() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
-def _have_megatron_core() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("megatron.core") is not None
-    except ModuleNotFoundError:  # no `megatron` package at all
-        return False
-
-
 def _warn_on_other_version() -> None:
     """One warning when the installed Megatron-Core is not the version this layer was checked on."""
     import warnings
@@ -216,18 +223,107 @@ def _warn_on_other_version() -> None:
         warnings.warn(str(e), RuntimeWarning, stacklevel=3)
 
 
+# ------------------------------------------------------------------ quiet start-up
+# (category, message regex) of the start-up warnings every CPU or GPU-without-TE run prints, none of them
+# actionable: Megatron-Core's fallbacks when Transformer Engine / Apex are absent (summarised instead in
+# one log line, `_log_backends`), a deprecation Megatron-Core triggers with its own default, and torch
+# deprecations inside Megatron-Core's checkpointing. Matched by text, so any other warning still shows.
+KNOWN_WARNINGS = (
+    (UserWarning, r"Transformer Engine and Apex are not installed\. Falling back to "),
+    (UserWarning, r"Apex is not installed\. Falling back to Torch Norm"),
+    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope"),  # TransformerConfig's default
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    (FutureWarning, r"`load_state_dict` is deprecated and will be removed"),  # Megatron-Core's torch_dist load
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated"),
+)
+
+BACKENDS_LINE = "%s not installed: local kernels (PyTorch SDPA attention, torch norms and Adam)"
+APEX_LINE = "Apex not installed: Transformer Engine or torch kernels in its place"
+
+
+def quiet_known_warnings() -> None:
+    """Filter `KNOWN_WARNINGS` (once; precise message filters, no category-wide ignore)."""
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def _missing_backends() -> list[str]:
+    found = {name: importlib.util.find_spec(module) is not None
+             for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))}
+    return [name for name, ok in found.items() if not ok]
+
+
+def _log_backends() -> None:
+    """The one line that replaces Megatron-Core's fallback warnings: rank 0 of the launched processes only
+    (not again in the checkpoint writers Megatron-Core spawns, which import Megatron-Core anew)."""
+    import multiprocessing
+
+    missing = _missing_backends()
+    if missing and multiprocessing.parent_process() is None:
+        from megatron_jam.utils.logging import get_logger, log_rank0
+
+        line = APEX_LINE if missing == ["Apex"] else BACKENDS_LINE % " and ".join(missing)
+        log_rank0(get_logger(__name__), "%s", line)
+
+
+# ------------------------------------------------------------------ installation
+def _on_torch(module) -> None:
+    global _INSTALLED
+    _bind_torch()
+    if not _INSTALLED and not torch.cuda.is_available():  # not twice (importlib.reload): no wrapped wrappers
+        _patch_devices()
+        _INSTALLED = True
+
+
+def _on_megatron_core(module) -> None:
+    _warn_on_other_version()
+    _log_backends()
+
+
+# Module -> what to do once it is imported (in this order when several are already imported).
+_HOOKS = {
+    "torch": _on_torch,
+    "megatron.core": _on_megatron_core,
+    "megatron.core.tensor_parallel.random": lambda module: _INSTALLED and _patch_rng(),
+    "megatron.core.optimizer.optimizer": lambda module: _INSTALLED and _patch_optimizer(),
+}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a `_HOOKS` entry right after its module has executed, before any importer sees it: the patches
+    are in place exactly as if they had been applied eagerly, but only processes that import torch /
+    Megatron-Core pay for importing them."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _HOOKS:
+            return None
+        spec = next((s for f in sys.meta_path if f is not self and hasattr(f, "find_spec")
+                     for s in [f.find_spec(name, path, target)] if s is not None), None)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader.exec_module = self._then_hook(spec.loader.exec_module, name)
+        return spec
+
+    @staticmethod
+    def _then_hook(exec_module, name):
+        def run(module):
+            exec_module(module)
+            _HOOKS[name](module)
+
+        return run
+
+
 def install() -> bool:
-    """Install the CPU layer if CUDA is absent. Returns True if installed (idempotent).
+    """Quiet the known start-up warnings now, before Megatron-Core is imported, and install the CPU layer
+    (if CUDA is absent) as torch and Megatron-Core are imported: at once for modules already imported, else
+    by an import hook. Returns whether the device layer is in place yet (idempotent).
 
     Without Megatron-Core installed at all the package still imports (the data tools need none of it);
-    an installed Megatron-Core whose names moved fails here with its ImportError, not later and silently."""
-    global _INSTALLED
-    if _INSTALLED or torch.cuda.is_available():
+    an installed Megatron-Core whose names moved fails with its ImportError when it is imported."""
+    if any(isinstance(f, _AfterImport) for f in sys.meta_path):
         return _INSTALLED
-    _patch_devices()
-    if _have_megatron_core():
-        _warn_on_other_version()
-        _patch_rng()
-        _patch_optimizer()
-    _INSTALLED = True
-    return True
+    quiet_known_warnings()
+    for name, hook in _HOOKS.items():
+        if name in sys.modules:
+            hook(sys.modules[name])
+    sys.meta_path.insert(0, _AfterImport())
+    return _INSTALLED

@@ -376,7 +376,7 @@ def test_megatron_jam_parent_with_inf_is_refused(run, tmp_path, capsys):
     """The same check on a megatron-jam parent (read through dist_checkpointing, one part at a time)."""
     from megatron_jam.convert.checkpoint import CheckpointWriter, load_state_on_one_rank
     from megatron_jam.convert.common import parent_parts, part_of
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     cfg = load_model_config(str(run))
     state = load_state_on_one_rank(str(run), cfg)

@@ -106,7 +106,7 @@ def world(tmp_path_factory):
 def test_code_rows_come_from_the_image_parent_and_streams_equal_the_parents(single_rank, world):
     from megatron_jam.convert.checkpoint import build_single, load_checkpoint
     from megatron_jam.data.vocab import VocabLayout
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     layout = VocabLayout.from_json(world["prefix"] + ".vocab.json")
     codes = layout.image_ids(np.arange(CODEBOOK))

@@ -65,7 +65,7 @@ def _ids(lo=0, hi=V, b=2, s=S, seed=0):
 def load_logits(path, ids, tp=1):
     """Logits [b, s, V] of a converted checkpoint at TP=tp (this rank's world)."""
     from megatron_jam.convert.checkpoint import load_checkpoint
-    from megatron_jam.models.jam_gpt import load_model_config, model_class
+    from megatron_jam.models.kinds import load_model_config, model_class
     from megatron_jam.parallel.initialize import initialize_model_parallel
     from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 
@@ -81,7 +81,7 @@ def load_logits(path, ids, tp=1):
 
 def _state(path):
     from megatron_jam.convert.checkpoint import ensure_single_rank, load_state_on_one_rank
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     ensure_single_rank()
     return load_state_on_one_rank(str(path), load_model_config(str(path)))
@@ -296,7 +296,7 @@ def test_width_exports_as_a_wider_model(single_rank, width_ckpts, tmp_path):
 @pytest.mark.parametrize("llm_family,img_family", [("llama", "opt"), ("opt", "opt")])
 def test_cross_streams_reproduce_parents_at_step0(single_rank, tmp_path, llm_family, img_family):
     from megatron_jam.convert.checkpoint import build_single, load_checkpoint
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     llm = MAKERS[llm_family](tmp_path / "llm", seed=1)
     img = MAKERS[img_family](tmp_path / "img", seed=2, vocab=V + 60)

@@ -170,7 +170,7 @@ def test_export_round_trip(single_rank, parents, tmp_path):
 
 
 def _width_equivalence(load):
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
     from megatron_jam.testing.equivalence import equivalence_body
 
     layouts = [{"tp": 2}, {"tp": 2, "sequence_parallel": True}]
@@ -180,7 +180,7 @@ def _width_equivalence(load):
 def _local_q_norm(load):
     """This rank's q_layernorm weight of layer 0 at TP=2."""
     from megatron_jam.convert.checkpoint import load_checkpoint
-    from megatron_jam.models.jam_gpt import load_model_config, model_class
+    from megatron_jam.models.kinds import load_model_config, model_class
     from megatron_jam.parallel.initialize import initialize_model_parallel
     from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 
@@ -214,7 +214,7 @@ def test_width_of_two_chameleons_is_exact_under_tp2_and_sp(single_rank, pool2, p
 
 def test_cross_streams_reproduce_both_chameleon_parents_at_step0(single_rank, parents, tmp_path):
     from megatron_jam.convert.checkpoint import build_single, load_checkpoint
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     hf_a, chat, _ = parents[1]["pre"]
     gen = make_chameleon(tmp_path / "gen", seed=6)

@@ -212,7 +212,7 @@ def test_merge_of_two_emu3_parents_exports_and_loads(single_rank, emu3, tmp_path
 
 def test_cross_streams_reproduce_both_emu3_parents_at_step0(single_rank, emu3, tmp_path):
     from megatron_jam.convert.checkpoint import build_single, load_checkpoint
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     hf_a, chat, _, _ = emu3
     gen = make_emu3(tmp_path / "gen", seed=5)

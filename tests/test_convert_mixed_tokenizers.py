@@ -16,6 +16,7 @@ tokenizer and refuses Emu3's.
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -196,7 +197,7 @@ def crossed(parents, layout_prefix):
 
 def test_cross_streams_equal_their_parents_at_step0(single_rank, parents, layout_prefix, crossed):
     from megatron_jam.convert.checkpoint import build_single, load_checkpoint
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     root, llm_dir, llm, gen_dir, gen = parents
     layout = load_layout(layout_prefix)
@@ -266,22 +267,24 @@ def test_different_tokenizers_are_detected_by_identity_or_size(parents, tmp_path
 
 
 def test_an_imported_parent_keeps_its_tokenizer_identity(single_rank, parents, tmp_path):
-    """A parent imported first (no tokenizer file in the checkpoint) is still recognised: conversion.json
-    records its tokenizer, and the merge is refused naming that file."""
+    """A parent imported first is still recognised: its checkpoint carries a copy of the tokenizer (tokenizer/),
+    and without one (an older checkpoint) conversion.json records it; the merge is refused naming the file."""
     root, llm_dir, _, gen_dir, _ = parents
     convert("import", tmp_path / "llm", llm_dir)
     record = json.loads((tmp_path / "llm" / "conversion.json").read_text())
     assert record["text_tokenizer"] == load_text_tokenizer(str(llm_dir)).identity
-    named = f"LLM {tmp_path}/llm/conversion.json ({record['text_tokenizer']})"
-    with pytest.raises(ConvertError, match=re.escape(named)):
-        convert("width", tmp_path / "out", tmp_path / "llm", gen_dir)
-    _no_output(tmp_path, "out")
+    for where in ("tokenizer/tokenizer.json", "conversion.json"):
+        named = f"LLM {tmp_path}/llm/{where} ({record['text_tokenizer']})"
+        with pytest.raises(ConvertError, match=re.escape(named)):
+            convert("width", tmp_path / "out", tmp_path / "llm", gen_dir)
+        _no_output(tmp_path, "out")
+        shutil.rmtree(tmp_path / "llm" / "tokenizer", ignore_errors=True)
 
 
 def test_appended_specials_start_at_zero(single_rank, parents, tmp_path):
     """`--native-specials appended`: the sentinels, <eos_span> and <mask> are new rows after the image part."""
     from megatron_jam.convert.checkpoint import load_state_on_one_rank
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     root, llm_dir, _, gen_dir, gen = parents
     assert _preprocess(root, tmp_path / "app", "--native-specials", "appended") == 0

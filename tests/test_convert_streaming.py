@@ -18,7 +18,7 @@ from test_convert import V, convert, make_llama, make_opt
 
 def _tiny_llama_config(vocab=V):
     from megatron_jam.models.config import ParentConfig
-    from megatron_jam.models.jam_gpt import JamGPTConfig
+    from megatron_jam.models.config import JamGPTConfig
 
     p = ParentConfig(family="llama", num_layers=3, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                      ffn_hidden_size=64, max_position_embeddings=64)
@@ -99,7 +99,7 @@ def test_bf16_conversion_stores_bf16(single_rank, tmp_path):
     assert meta["decoder.layers.self_attention.linear_qkv.weight"].properties.dtype == torch.bfloat16
     from megatron_jam.convert.checkpoint import build_meta
     from megatron_jam.convert.streaming import load_parts
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     sharded = build_meta(load_model_config(str(tmp_path / "ck")), bf16=True).sharded_state_dict()
     got = load_parts(sharded, [EMB], str(tmp_path / "ck"))[EMB][:V]
@@ -107,7 +107,7 @@ def test_bf16_conversion_stores_bf16(single_rank, tmp_path):
 
 
 def test_cross_new_blocks_start_as_the_model_initialises_them(single_rank, tmp_path):
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
     from test_convert import _state
 
     make_llama(tmp_path / "llm", seed=1)

@@ -227,7 +227,7 @@ def test_cross_streams_equal_the_parents_at_step0(single_rank, world):
     rows from Gen; each stream computes its parent's hidden states (cross blocks start at zero)."""
     from megatron_jam.convert.checkpoint import build_single, load_checkpoint
     from megatron_jam.data.vocab import VocabLayout
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     root, t = world["root"], VocabLayout.from_json(world["prefix"] + ".vocab.json").text_rows
     assert json.loads((root / "cross" / "conversion.json").read_text())["vocab"]["text_rows"] == t == CODE0

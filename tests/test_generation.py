@@ -17,12 +17,11 @@ BRK, EOS, MASK = LAYOUT.break_id, LAYOUT.eos_id, LAYOUT.mask_id
 IMG0 = LAYOUT.image_offset
 
 
-class _Cfg:
-    """Just what the generator reads from a model config."""
+def _Cfg(seq_length=64, vocab_size=V):
+    """A single-stack model config of 64 positions and 128 padded vocabulary rows (the generator reads only that)."""
+    from megatron_jam.models.config import JamGPTConfig, ParentConfig
 
-    def __init__(self, seq_length=64, vocab_size=V):
-        self.vocab_size, self.padded_vocab_size, self.seq_length = vocab_size, 128, seq_length
-        self.parent = type("P", (), {"max_position_embeddings": 64})()
+    return JamGPTConfig(parent=ParentConfig(max_position_embeddings=64), vocab_size=vocab_size, seq_length=seq_length)
 
 
 class ScriptedStepper:
@@ -243,7 +242,7 @@ def _with_live_cross_blocks(src, dst):
     from megatron.core import dist_checkpointing
 
     from megatron_jam.convert.checkpoint import build_single, load_checkpoint
-    from megatron_jam.models.jam_gpt import load_model_config
+    from megatron_jam.models.kinds import load_model_config
 
     cfg = load_model_config(str(src))
     model = build_single(cfg, initialize=False)

@@ -142,10 +142,12 @@ def test_a_masked_caption_is_followed_by_the_image_start(layout):
 
 
 # ------------------------------------------------------------------ decoding
-class _Cfg:
-    def __init__(self, vocab_size, seq_length=96):
-        self.vocab_size, self.padded_vocab_size, self.seq_length = vocab_size, PADDED, seq_length
-        self.parent = type("P", (), {"max_position_embeddings": 96})()
+def _Cfg(vocab_size, seq_length=96):
+    """A single-stack model config of 96 positions and PADDED vocabulary rows (what the generator reads)."""
+    from megatron_jam.models.config import JamGPTConfig, ParentConfig
+
+    return JamGPTConfig(parent=ParentConfig(max_position_embeddings=96), vocab_size=vocab_size, seq_length=seq_length,
+                        make_vocab_size_divisible_by=PADDED)
 
 
 class RandomStepper:

@@ -22,7 +22,10 @@ import time
 from typing import List, Optional
 
 from megatron_jam.data.clip_embed import ClipEmbedder, embed_dataset
+from megatron_jam.data.integrity import check_dataset_files
 from megatron_jam.data.retrieval import DEFAULT_IVF_THRESHOLD, MipsIndex, have_faiss
+from megatron_jam.models.config import ConfigError
+from megatron_jam.utils.cli import add_debug_arg, require_path, run_cli
 from megatron_jam.utils.logging import get_logger
 
 logger = get_logger("megatron_jam.tools.build_retrieval_index")
@@ -44,14 +47,21 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="IVF training sample")
     p.add_argument("--no-progress-bar", action="store_true")
+    add_debug_arg(p)
     return p.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: List[str]) -> int:
     args = get_args(argv)
     if args.index_type == "ivf" and not have_faiss():
-        print("error: --index-type ivf needs faiss (pip install faiss-cpu)", file=sys.stderr)
-        return 2
+        raise ConfigError("--index-type ivf needs faiss (pip install faiss-cpu)")
+    check_dataset_files(args.data_path)  # a missing or damaged bank: one line before CLIP is loaded
+    require_path("--clip-model", args.clip_model, directory=True)
     t0 = time.time()
     embedder = ClipEmbedder(args.clip_model, args.device)
     emb = embed_dataset(args.data_path, embedder, inputs=args.input, json_keys=args.json_keys,

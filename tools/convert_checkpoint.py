@@ -18,6 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_jam.utils.cli import add_debug_arg, require_path, run_cli  # noqa: E402  (light: no torch)
+
 METHODS = ("import", "uniform", "width", "cross", "export")
 
 
@@ -39,13 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only checked: the checkpoint loads at any layout")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="only checked, as above")
     p.add_argument("--seed", type=int, default=1234, help="initialisation of new parts (cross blocks)")
+    add_debug_arg(p)
     return p
 
 
 def run(args: argparse.Namespace) -> dict:
     from megatron_jam.convert.common import ConvertError
-    from megatron_jam.convert.export import export_hf
-    from megatron_jam.convert.pipeline import ConvertOptions, convert
     from megatron_jam.utils.paths import output_dir_problem
 
     problem = output_dir_problem(args.save)
@@ -54,13 +55,18 @@ def run(args: argparse.Namespace) -> dict:
     if args.method in ("import", "export"):
         if not args.load or args.llm or args.img:
             raise ConvertError(f"--method {args.method} takes --load (and no --llm / --img)")
-        if args.method == "export":
-            return {"method": "export", "hf_config": export_hf(args.load, args.save)}
         load = (args.load,)
     else:
         if not (args.llm and args.img) or args.load:
             raise ConvertError(f"--method {args.method} takes --llm and --img (and no --load)")
         load = (args.llm, args.img)
+    for flag, path in zip(("--load",) if args.load else ("--llm", "--img"), load):
+        require_path(flag, path, directory=True)  # before torch and Megatron-Core are imported
+    from megatron_jam.convert.export import export_hf
+    from megatron_jam.convert.pipeline import ConvertOptions, convert
+
+    if args.method == "export":
+        return {"method": "export", "hf_config": export_hf(args.load, args.save)}
     opts = ConvertOptions(
         method=args.method, load=load, save=args.save, llm_weight=args.llm_weight, width_init=args.width_init,
         cross_every=args.cross_every, vocab_layout=args.vocab_layout, text_vocab_size=args.text_vocab_size,
@@ -70,18 +76,13 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import megatron_jam  # noqa: F401  (CPU layer for Megatron-Core)
-    from megatron_jam.convert.common import ConvertError
-    from megatron_jam.data.vocab import VocabLayoutError
-    from megatron_jam.models.config import ConfigError
-    from megatron_jam.utils.safe_checkpoint import CheckpointError
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv)
 
-    try:
-        record = run(args)
-    except (ConvertError, ConfigError, VocabLayoutError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    record = run(args)
     summary = {"save": args.save, "method": record["method"], "vocab": record.get("vocab")}
     print(json.dumps(summary, indent=2))
     return 0

@@ -24,25 +24,28 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_jam.utils.cli import add_debug_arg, run_cli  # noqa: E402  (light: no torch)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Chameleon vqgan.ckpt -> safetensors folder with the VQGAN decoder")
     p.add_argument("--load", required=True, help="the released tokenizer checkpoint (vqgan.ckpt, or .safetensors)")
     p.add_argument("--config", required=True, help="vqgan.yaml, or a transformers config.json (chameleon[_vqgan])")
     p.add_argument("--save", required=True, help="output folder (must not exist or be empty)")
+    add_debug_arg(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_jam.convert.common import ConvertError
     from megatron_jam.data.chameleon_vqgan import convert_tokenizer
 
-    try:
-        summary = convert_tokenizer(args.load, args.config, args.save)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = convert_tokenizer(args.load, args.config, args.save)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -16,6 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_jam.utils.cli import add_debug_arg, require_path, run_cli  # noqa: E402  (light: no torch)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="per-modality perplexity (paper: Wikipedia PPL, MS-COCO PPL)")
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--output", default=None, help="write the JSON result here (rank 0)")
+    add_debug_arg(p)
     return p
 
 
@@ -36,7 +39,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     from megatron_jam.convert.checkpoint import load_checkpoint
     from megatron_jam.evaluation import check_data, perplexity
-    from megatron_jam.models.jam_gpt import load_model_config, model_class, validate_model_parallel
+    from megatron_jam.models.kinds import load_model_config, model_class, validate_model_parallel
     from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
     from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 
@@ -58,21 +61,21 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv, extra_errors=(ValueError,))
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    import megatron_jam  # noqa: F401  (CPU layer for Megatron-Core)
+    require_path("--load", args.load, directory=True)  # the common mistake: one line before Megatron-Core loads
     from megatron_jam.models.config import ConfigError
     from megatron_jam.utils.logging import global_rank
     from megatron_jam.utils.paths import output_file_problem
 
     problem = args.output and output_file_problem(args.output)
     if problem:  # before the model is loaded, not after the whole evaluation
-        print(f"error: --output {args.output}: {problem}", file=sys.stderr)
-        return 2
-    try:
-        result = evaluate(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--output {args.output}: {problem}")
+    result = evaluate(args)
     if global_rank() == 0:
         text = json.dumps(result, indent=2)
         print(text)

@@ -24,16 +24,20 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_jam.utils.cli import add_debug_arg, require_path, run_cli  # noqa: E402  (light: no torch)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="prompt following of generated images (attribute accuracy or CLIP score)")
     p.add_argument("--load", required=True, help="checkpoint folder (converted or trained)")
     p.add_argument("--vocab-layout", help="the dataset's PREFIX.vocab.json (default: vocab_layout.json in --load)")
-    p.add_argument("--tokenizer-model", required=True, help="the text tokenizer the layout was built with "
-                                                            "(sentencepiece .model, or a tokenizer.json or its folder)")
+    p.add_argument("--tokenizer-model", help="the text tokenizer the layout was built with (sentencepiece .model, "
+                                             "or a tokenizer.json or its folder; default: the --load folder's "
+                                             "tokenizer/)")
     p.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"),
                    help="default: inferred from --tokenizer-model")
-    p.add_argument("--image-tokenizer", required=True, help="VQ tokenizer folder with a decoder")
+    p.add_argument("--image-tokenizer", help="VQ tokenizer folder with a decoder (default: the --load folder's "
+                                             "image_tokenizer/)")
     p.add_argument("--prompts-file", required=True, help="JSON Lines prompt set (picture world: prompts.jsonl)")
     p.add_argument("--clip-model", help="local transformers CLIP folder: score with CLIP instead of attributes")
     p.add_argument("--cfg-scale", type=float, nargs="+", default=[1.0, 2.0, 3.5, 5.0],
@@ -54,16 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retrieval-max-score", type=float, default=0.9, help="skip candidates scoring above it")
     r.add_argument("--retrieval-clip-model", help="CLIP folder that embeds the prompt (default: the index's; "
                                                   "--clip-model is the scorer's)")
+    add_debug_arg(p)
     return p
 
 
 def setup(args):
     """Everything that can fail before the model is built: (cfg, layout, tokenizer, vq, items, requests)."""
-    from megatron_jam.inference.loading import (check_checkpoint_layout, load_image_tokenizer, load_text_tokenizer,
-                                                resolve_layout)
+    from megatron_jam.inference.loading import check_checkpoint_layout, load_tokenizers, resolve_layout
     from megatron_jam.inference.prompt_following import make_scorer, read_prompt_set
     from megatron_jam.inference.retrieval_context import check_retrieval_args, read_bank_meta
-    from megatron_jam.models.jam_gpt import load_model_config, validate_model_parallel
+    from megatron_jam.models.kinds import load_model_config, validate_model_parallel
 
     if args.samples_per_prompt < 1:
         raise ValueError(f"--samples-per-prompt {args.samples_per_prompt} must be >= 1")
@@ -73,8 +77,11 @@ def setup(args):
     validate_model_parallel(cfg, tp=args.tensor_model_parallel_size, pp=1)
     layout = resolve_layout(args.load, args.vocab_layout)
     check_checkpoint_layout(args.load, cfg, layout)
-    tok = load_text_tokenizer(args.tokenizer_model, layout, args.tokenizer_type)
-    vq = load_image_tokenizer(args.image_tokenizer, layout)
+    tok, vq = load_tokenizers(args, layout)  # given, else the run folder's copies
+    for flag, found, folder in (("--tokenizer-model", tok, "tokenizer/"),
+                                ("--image-tokenizer", vq, "image_tokenizer/")):
+        if found is None:
+            raise ValueError(f"give {flag}: --load {args.load} carries no {folder} of its vocabulary layout")
     items = read_prompt_set(args.prompts_file)
     scorer = make_scorer(items, args.clip_model)
     prompts = [[int(t) for t in tok.encode(it.prompt)] for it in items]
@@ -101,13 +108,12 @@ def retrieve_contexts(args, cfg, layout, items, prompts):
 
 def run(args) -> dict:
     import torch.distributed as dist
-    from tqdm import tqdm
-
     from megatron_jam.inference.decoding import InterleavedGenerator
     from megatron_jam.inference.loading import load_model
     from megatron_jam.inference.prompt_following import summarise, text_to_image
     from megatron_jam.inference.sampling import SamplingParams
     from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
+    from megatron_jam.utils.progress import progress
 
     cfg, layout, vq, scorer, requests, retrieval = setup(args)
     initialize_distributed()
@@ -117,8 +123,8 @@ def run(args) -> dict:
     model, cfg = load_model(args.load, args.tensor_model_parallel_size)
     gen = InterleavedGenerator(model, cfg, layout)
     rows = []
-    bar = tqdm(total=len(args.cfg_scale) * len(requests), desc="images", unit="img", file=sys.stderr,
-               disable=args.no_progress_bar or dist.get_rank() != 0)
+    bar = progress(total=len(args.cfg_scale) * len(requests), desc="images", unit="img",
+                   enabled=not args.no_progress_bar and dist.get_rank() == 0)
     for scale in args.cfg_scale:
         for b in range(0, len(requests), args.batch_size):
             batch = requests[b: b + args.batch_size]
@@ -149,20 +155,19 @@ def _save(image, folder: str, scale: float, name: str, k: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.retrieval_k and not args.retrieval_index:  # before Megatron's import warnings: the only line
-        print(f"error: --retrieval-k {args.retrieval_k} needs --retrieval-index INDEX "
-              "(built by tools/build_retrieval_index.py)", file=sys.stderr)
-        return 2
-    import megatron_jam  # noqa: F401  (CPU layer for Megatron-Core)
-    from megatron_jam.data.vocab import VocabLayoutError
-    from megatron_jam.models.config import ConfigError
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv, extra_errors=(ValueError,))
 
-    try:
-        record = run(args)
-    except (ConfigError, VocabLayoutError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    require_path("--load", args.load, directory=True)  # the common mistake: one line before Megatron-Core loads
+    if args.retrieval_k and not args.retrieval_index:  # before Megatron-Core is imported
+        from megatron_jam.models.config import ConfigError
+
+        raise ConfigError(f"--retrieval-k {args.retrieval_k} needs --retrieval-index INDEX "
+                          "(built by tools/build_retrieval_index.py)")
+    record = run(args)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

@@ -23,6 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_jam.utils.cli import add_debug_arg, require_path, run_cli  # noqa: E402  (light: no torch)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="mixed-modal generation with classifier-free guidance")
@@ -33,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           'optional "name", "start_with_image"')
     p.add_argument("--vocab-layout", help="the dataset's PREFIX.vocab.json (default: vocab_layout.json in --load)")
     p.add_argument("--tokenizer-model", help="sentencepiece .model file, or a Hugging Face tokenizer.json (or its "
-                                             "folder); needed for text prompts and readable text")
+                                             "folder); needed for text prompts and readable text (default: the "
+                                             "--load folder's tokenizer/, when it carries one)")
     p.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"),
                    help="default: inferred from --tokenizer-model")
-    p.add_argument("--image-tokenizer", help="VQ tokenizer folder; images are decoded when it has a decoder")
+    p.add_argument("--image-tokenizer", help="VQ tokenizer folder; images are decoded when it has a decoder "
+                                             "(default: the --load folder's image_tokenizer/, when it carries one)")
     g = p.add_argument_group("sampling")
     g.add_argument("--cfg-scale", type=float, default=3.5, help="alpha of eq. 6 for image tokens; 1 = off")
     g.add_argument("--temperature", type=float, default=1.0, help="text tokens; 0 = greedy")
@@ -62,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip candidates scoring above it (near duplicates of the prompt)")
     r.add_argument("--clip-model", "--retrieval-clip-model", dest="retrieval_clip_model",
                    help="CLIP folder that embeds the prompt (default: the one the index was built with)")
+    add_debug_arg(p)
     return p
 
 
@@ -122,11 +127,10 @@ def query_text(item: dict, sp, layout) -> str:
 
 def setup(args):
     """Everything that can fail, checked before the model is built: returns (cfg, layout, sp, vq, items)."""
-    from megatron_jam.inference.loading import (check_checkpoint_layout, load_image_tokenizer, load_text_tokenizer,
-                                                resolve_layout)
+    from megatron_jam.inference.loading import check_checkpoint_layout, load_tokenizers, resolve_layout
     from megatron_jam.inference.retrieval_context import check_retrieval_args, read_bank_meta
     from megatron_jam.inference.sampling import SamplingParams
-    from megatron_jam.models.jam_gpt import load_model_config, validate_model_parallel
+    from megatron_jam.models.kinds import load_model_config, validate_model_parallel
 
     from megatron_jam.utils.paths import output_dir_problem
 
@@ -143,8 +147,7 @@ def setup(args):
     validate_model_parallel(cfg, tp=args.tensor_model_parallel_size, pp=1)
     layout = resolve_layout(args.load, args.vocab_layout)
     check_checkpoint_layout(args.load, cfg, layout)
-    sp = load_text_tokenizer(args.tokenizer_model, layout, args.tokenizer_type) if args.tokenizer_model else None
-    vq = load_image_tokenizer(args.image_tokenizer, layout) if args.image_tokenizer else None
+    sp, vq = load_tokenizers(args, layout)  # given, else the run folder's copies (tokenizer/, image_tokenizer/)
     items = read_prompts(args)
     encode_prompts(items, sp, layout)
     from megatron_jam.inference.stepper import max_positions
@@ -171,12 +174,11 @@ def sampling_params(args, cls):
 def generate(args) -> list[dict]:
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from tqdm import tqdm
-
     from megatron_jam.inference.decoding import InterleavedGenerator
     from megatron_jam.inference.loading import load_model
     from megatron_jam.inference.render import DocumentWriter
     from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
+    from megatron_jam.utils.progress import progress
 
     cfg, layout, sp, vq, items, params, context = setup(args)
     tp = args.tensor_model_parallel_size
@@ -192,10 +194,10 @@ def generate(args) -> list[dict]:
     writer = DocumentWriter(args.output, layout, sp, vq) if writes else None
     show = writes and dp_rank == 0 and not args.no_progress_bar
     records, full = [], []
-    bar = tqdm(total=len(mine), desc="prompts", unit="prompt", disable=not show, file=sys.stderr)
+    bar = progress(total=len(mine), desc="prompts", unit="prompt", enabled=show)
     for b in range(0, len(mine), args.batch_size):
         batch = mine[b: b + args.batch_size]
-        tokens = tqdm(total=None, desc="tokens", unit="step", leave=False, disable=not show, file=sys.stderr)
+        tokens = progress(desc="tokens", unit="step", enabled=show, log_lines=False, leave=False)
         outs = gen.generate([it["ids"] for it in batch], params, args.max_new_tokens,
                             on_step=lambda live: tokens.update(1))
         tokens.close()
@@ -216,20 +218,19 @@ def generate(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.retrieval_k and not args.retrieval_index:  # before Megatron's import warnings: the only line
-        print(f"error: --retrieval-k {args.retrieval_k} needs --retrieval-index INDEX "
-              "(built by tools/build_retrieval_index.py)", file=sys.stderr)
-        return 2
-    import megatron_jam  # noqa: F401  (CPU layer for Megatron-Core)
-    from megatron_jam.data.vocab import VocabLayoutError
-    from megatron_jam.models.config import ConfigError
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv, extra_errors=(ValueError,))
 
-    try:
-        records = generate(args)
-    except (ConfigError, VocabLayoutError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    require_path("--load", args.load, directory=True)  # the common mistake: one line before Megatron-Core loads
+    if args.retrieval_k and not args.retrieval_index:  # before Megatron-Core is imported
+        from megatron_jam.models.config import ConfigError
+
+        raise ConfigError(f"--retrieval-k {args.retrieval_k} needs --retrieval-index INDEX "
+                          "(built by tools/build_retrieval_index.py)")
+    records = generate(args)
     if records:
         index = [r["index"] for r in records if "index" in r]
         summary = {"output": args.output, "documents": [r for r in records if "index" not in r]}

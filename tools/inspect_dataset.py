@@ -3,7 +3,7 @@
 
 Usage: python tools/inspect_dataset.py PREFIX [--document N] [--tokenizer-model spm.model | hf_folder]
 
-Reads PREFIX.idx/.bin through Megatron-Core's IndexedDataset (multimodal=True) and
+Reads PREFIX.idx/.bin in Megatron-Core's IndexedDataset format (with numpy: no Megatron-Core import) and
 the layout PREFIX.vocab.json (a shard PREFIX_00003 falls back to PREFIX.vocab.json),
 which is checked against the index dtype. With --document, prints that document as
 text with `<break>`, `<eos>` and `<image: N codes [...]>` placeholders; text needs
@@ -19,28 +19,27 @@ import numpy as np
 
 from megatron_jam.data.documents import IMAGE, TEXT, render_document, split_segments
 from megatron_jam.data.indexed_builder import MODE_IMAGE
-from megatron_jam.data.integrity import check_dataset_files
+from megatron_jam.data.integrity import index_arrays
 from megatron_jam.data.text_tokenizer import add_tokenizer_args, check_layout, load_text_tokenizer
-from megatron_jam.data.vocab import VocabLayout, VocabLayoutError, find_layout, load_layout
+from megatron_jam.data.vocab import VocabLayout, find_layout, load_layout
+from megatron_jam.utils.cli import add_debug_arg, run_cli
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("prefix", help="dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--document", type=int, action="append", help="decode document N (repeatable)")
-    add_tokenizer_args(p, required=False, help_suffix=" to decode text")
+    add_tokenizer_args(p, required=False, help_suffix=" to decode text (default: the one PREFIX.stats.json "
+                                                      "records, when it is the layout's)")
     p.add_argument("--json", action="store_true", help="print statistics as JSON")
+    add_debug_arg(p)
     return p.parse_args(argv)
 
 
 def dataset_stats(prefix: str, layout: VocabLayout) -> Dict[str, Any]:
     """Counts per modality from the index alone (token classes need one pass over .bin)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    header = check_dataset_files(prefix)  # .bin against .idx: a damaged pair is exit 2 naming the file
-    ds = IndexedDataset(prefix, multimodal=header["has_modes"])
-    lengths = ds.index.sequence_lengths.astype(np.int64)
-    modes = ds.index.sequence_modes if header["has_modes"] else np.zeros(len(lengths), np.int8)
+    index = index_arrays(prefix)  # .bin against .idx: a damaged pair is exit 2 naming the file
+    header, lengths, modes = index["header"], index["lengths"].astype(np.int64), index["modes"]
     image = modes == MODE_IMAGE
     tokens = np.memmap(prefix + ".bin", dtype=header["dtype"], mode="r")
     in_text = ~np.repeat(image, lengths)  # image sequences may hold format markers (Emu3): not counted here
@@ -48,7 +47,7 @@ def dataset_stats(prefix: str, layout: VocabLayout) -> Dict[str, Any]:
     if not layout.dedicated_eos:
         special += int(np.count_nonzero((tokens == layout.eos_id) & in_text))
     return {"prefix": prefix, "dtype": header["dtype"].name, "multimodal": header["has_modes"],
-            "documents": int(len(ds.index.document_indices) - 1), "sequences": int(len(lengths)),
+            "documents": int(len(index["documents"]) - 1), "sequences": int(len(lengths)),
             "text_sequences": int(np.count_nonzero(~image)), "image_sequences": int(np.count_nonzero(image)),
             "tokens": int(lengths.sum()), "image_tokens": int(lengths[image].sum()),
             "text_tokens": int(lengths[~image].sum()) - special, "special_tokens": special,
@@ -57,31 +56,43 @@ def dataset_stats(prefix: str, layout: VocabLayout) -> Dict[str, Any]:
 
 def document_segments(prefix: str, index: int, layout: VocabLayout) -> List:
     """Segments of document `index` (see megatron_jam.data.documents.split_segments)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(prefix, multimodal=True)
-    n = len(ds.index.document_indices) - 1
+    arrays = index_arrays(prefix)
+    docs, lengths, modes = arrays["documents"], arrays["lengths"], arrays["modes"]
+    n = len(docs) - 1
     if not 0 <= index < n:
         raise IndexError(f"--document {index}: {prefix} has {n} documents")
-    first, last = ds.index.document_indices[index], ds.index.document_indices[index + 1]
-    seqs = [ds[int(i)] for i in range(first, last)]
-    tokens = np.concatenate([s[0] for s in seqs]) if seqs else np.zeros(0, np.int64)
-    return split_segments(tokens, [int(s[1]) for s in seqs], [len(s[0]) for s in seqs], layout)
+    first, last = int(docs[index]), int(docs[index + 1])
+    dtype = arrays["header"]["dtype"]
+    start = int(arrays["pointers"][first]) // dtype.itemsize if last > first else 0
+    tokens = np.array(np.memmap(prefix + ".bin", dtype=dtype, mode="r")[start:start + int(lengths[first:last].sum())],
+                      dtype=np.int64)
+    return split_segments(tokens, [int(m) for m in modes[first:last]], [int(x) for x in lengths[first:last]], layout)
+
+
+def recorded_tokenizer(prefix: str, layout: VocabLayout) -> Optional[str]:
+    """The text tokenizer PREFIX.stats.json records (tools/preprocess_interleaved.py), when it still exists
+    and is the layout's: the default of --tokenizer-model."""
+    from megatron_jam.data.run_files import matching_tokenizer, recorded_tokenizers
+
+    return matching_tokenizer([recorded_tokenizers(prefix).get("tokenizer_model")], layout)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv, extra_errors=(OSError, ValueError))
+
+
+def _main(argv: List[str]) -> int:
     args = get_args(argv)
-    try:
-        layout = load_layout(args.prefix)
-        stats = dataset_stats(args.prefix, layout)
-        decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-        if args.tokenizer_model:
-            text = load_text_tokenizer(args.tokenizer_model, args.tokenizer_type)
-            check_layout(text, layout)
-            decode = text.decode
-    except (OSError, ValueError, VocabLayoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    layout = load_layout(args.prefix)
+    stats = dataset_stats(args.prefix, layout)
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    if args.tokenizer_model:
+        text = load_text_tokenizer(args.tokenizer_model, args.tokenizer_type)
+        check_layout(text, layout)
+        decode = text.decode
+    elif recorded := recorded_tokenizer(args.prefix, layout):  # preprocessing's, if still the layout's
+        decode = load_text_tokenizer(recorded).decode
     if stats["max_token_id"] is not None and stats["max_token_id"] >= layout.vocab_size:
         print(f"error: token id {stats['max_token_id']} >= vocab_size {layout.vocab_size}", file=sys.stderr)
         return 2

@@ -33,7 +33,9 @@ from megatron_jam.data.text_tokenizer import TextTokenizer, add_tokenizer_args
 from megatron_jam.data.vocab import layout_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from preprocess_interleaved import RejectLog, open_inputs, reject, staged_run  # noqa: E402
+from preprocess_interleaved import INPUT_ERRORS, RejectLog, open_inputs, reject, staged_run  # noqa: E402
+
+from megatron_jam.utils.cli import add_debug_arg, run_cli  # noqa: E402
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -44,13 +46,14 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--image-tokenizer", help="folder of a transformers VQ model")
     p.add_argument("--codebook-size", type=int)
     p.add_argument("--tokens-per-image", type=int)
-    p.add_argument("--num-sentinels", type=int, default=32)
-    p.add_argument("--dedicated-eos", action="store_true")
+    p.add_argument("--num-sentinels", type=int, default=None, help="default: --vocab-layout's, else 32")
+    p.add_argument("--dedicated-eos", action="store_true", default=None, help="default: as --vocab-layout")
     p.add_argument("--vocab-layout", help="layout JSON the output must match (e.g. the pretraining shards')")
     p.add_argument("--loss-roles", nargs="+", default=list(DEFAULT_LOSS_ROLES), help="roles whose turns get loss")
     p.add_argument("--max-reject-fraction", type=float, default=0.01)
     p.add_argument("--overwrite", action="store_true", help="replace an existing set at --output-prefix (only once "
                    "the new set is complete)")
+    add_debug_arg(p)
     return p.parse_args(argv)
 
 
@@ -126,11 +129,13 @@ def write_instruct(args, files: List[str], encoder: InstructEncoder, prefix: str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv, extra_errors=INPUT_ERRORS)
+
+
+def _main(argv: List[str]) -> int:
     args = get_args(argv)
-    opened = open_inputs(args)
-    if opened is None:
-        return 2
-    files, text, vq, layout = opened
+    files, text, vq, layout = open_inputs(args)
     encoder = InstructEncoder(text, vq, layout, args.loss_roles)
     summary = staged_run(args, lambda prefix, stage: write_instruct(args, files, encoder, prefix, stage))
     if summary is None:

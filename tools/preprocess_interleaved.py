@@ -45,7 +45,8 @@ from megatron_jam.data.indexed_builder import DocumentBatch
 from megatron_jam.data.publish import (OutputExistsError, RejectLog, ShardWriter, StagedOutput,  # noqa: F401
                                        check_output_prefix)
 from megatron_jam.data.text_tokenizer import TextTokenizer, add_tokenizer_args, load_text_tokenizer
-from megatron_jam.data.vocab import VocabLayout, VocabLayoutError, layout_path
+from megatron_jam.data.vocab import DEFAULT_NUM_SENTINELS, VocabLayout, layout_path
+from megatron_jam.utils.cli import add_debug_arg, run_cli
 from megatron_jam.utils.logging import get_logger
 
 logger = get_logger("megatron_jam.tools.preprocess_interleaved")
@@ -63,10 +64,12 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--image-tokenizer", help="folder of a transformers VQ model (save_pretrained)")
     g.add_argument("--codebook-size", type=int, help="codebook size when image_tokens are given (no VQ model)")
     g.add_argument("--tokens-per-image", type=int, help="codes per image when image_tokens are given")
-    g.add_argument("--num-sentinels", type=int, default=32, help="CM3 sentinel tokens in the layout")
-    g.add_argument("--dedicated-eos", action="store_true",
-                   help="give <eos> its own id even if the text tokenizer has one")
-    g.add_argument("--vocab-layout", help="existing layout JSON the output must match")
+    g.add_argument("--num-sentinels", type=int, default=None,
+                   help="CM3 sentinel tokens in the layout (default: --vocab-layout's, else 32)")
+    g.add_argument("--dedicated-eos", action="store_true", default=None,
+                   help="give <eos> its own id even if the text tokenizer has one (default: as --vocab-layout)")
+    g.add_argument("--vocab-layout", help="existing layout JSON the output must match; flags left out (sentinels, "
+                                          "codebook, tokens per image, grid, native format) take its values")
     g.add_argument("--vocab-layout-kind", choices=("appended", "native", "mixed"), default="appended",
                    help="appended: our specials and image codes after the text ids (default); native: keep the "
                         "image parent's own ids (an Emu3, Chameleon or Lumina-mGPT model folder as "
@@ -100,6 +103,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--chunk-size", type=int, default=256, help="lines per worker task")
     g.add_argument("--log-interval", type=int, default=10000, help="log progress every N documents")
     g.add_argument("--no-progress-bar", action="store_true")
+    add_debug_arg(p)
     args = p.parse_args(argv)
     if args.shard_size < 0 or args.workers < 1 or args.chunk_size < 1 or not 0 <= args.max_reject_fraction <= 1:
         p.error("--shard-size >= 0, --workers >= 1, --chunk-size >= 1, 0 <= --max-reject-fraction <= 1")
@@ -110,6 +114,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def build_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optional[VQImageTokenizer]) -> VocabLayout:
     """The vocabulary layout from the tokenizers and flags (and checked against --vocab-layout)."""
     reference = VocabLayout.from_json(args.vocab_layout) if args.vocab_layout else None
+    resolve_from_layout(args, reference)
     kind = getattr(args, "vocab_layout_kind", "appended")
     if kind == "mixed" or (reference is not None and reference.mixed):
         return build_mixed_layout(args, text, vq, reference)
@@ -140,6 +145,34 @@ def build_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optional[VQI
     if args.vocab_layout:
         layout.check_compatible(VocabLayout.from_json(args.vocab_layout), "this run", args.vocab_layout)
     return layout
+
+
+def resolve_from_layout(args: argparse.Namespace, reference: Optional[VocabLayout]) -> None:
+    """Flags left out take --vocab-layout's values (else the defaults); a flag given explicitly that
+    contradicts the layout is a one-line error naming both, not a run refused for a default."""
+    if reference is not None:
+        grid = getattr(args, "image_grid", None)
+        given = [("--num-sentinels", args.num_sentinels, reference.num_sentinels),
+                 ("--codebook-size", args.codebook_size, reference.codebook_size),
+                 ("--tokens-per-image", args.tokens_per_image, reference.tokens_per_image),
+                 ("--image-grid", tuple(grid) if grid else None, reference.image_grid or None),
+                 ("--native-format", getattr(args, "native_format", None),
+                  reference.image_format if reference.native else None)]
+        for flag, mine, theirs in given:
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(f"{flag} {_flag_value(mine)} contradicts --vocab-layout {args.vocab_layout} "
+                                 f"({_flag_value(theirs)}); leave the flag out to take the layout's")
+        if args.dedicated_eos and not reference.native and not reference.dedicated_eos:
+            raise ValueError(f"--dedicated-eos contradicts --vocab-layout {args.vocab_layout} (its <eos> is the text "
+                             f"tokenizer's id {reference.eos_id}); leave the flag out to take the layout's")
+    sentinels = reference.num_sentinels if reference is not None else DEFAULT_NUM_SENTINELS
+    args.num_sentinels = sentinels if args.num_sentinels is None else args.num_sentinels
+    same_eos = reference is not None and not reference.native and reference.dedicated_eos
+    args.dedicated_eos = bool(args.dedicated_eos) or same_eos
+
+
+def _flag_value(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def build_native_layout(args: argparse.Namespace, text: TextTokenizer, vq: Optional[VQImageTokenizer],
@@ -408,14 +441,15 @@ def _pool_result(window: collections.deque) -> tuple:
 
 # --------------------------------------------------------------------------- main
 class Progress:
-    """tqdm bar on a terminal plus a log line every `interval` documents."""
+    """A bar on a terminal (megatron_jam.utils.progress) plus a log line every `interval` documents (timed
+    log lines instead when `interval` is 0 and stderr is not a terminal)."""
 
     def __init__(self, interval: int, bar: bool) -> None:
-        from tqdm import tqdm
+        from megatron_jam.utils.progress import progress
 
         self.interval, self.start, self.next_log = interval, time.time(), interval
         self.docs = self.tokens = 0
-        self.bar = tqdm(unit="doc", disable=not (bar and sys.stderr.isatty()), file=sys.stderr)
+        self.bar = progress(desc="documents", unit="doc", enabled=bar, log_lines=not interval)
 
     def update(self, docs: int, tokens: int) -> None:
         self.docs += docs
@@ -462,20 +496,21 @@ def summarize(totals: Dict[str, Any], rejects: RejectLog, shards: List[str], fil
 
 
 def open_inputs(args):
-    """(input files, text tokenizer, VQ tokenizer or None, layout); prints and returns None on a bad
-    flag or file, or an existing output set without --overwrite (the caller exits 2). Shared with
+    """(input files, text tokenizer, VQ tokenizer or None, layout); a bad flag or file, or an existing output
+    set without --overwrite, raises (`INPUT_ERRORS`: one line and exit 2 through `main`). Shared with
     tools/preprocess_instruct.py."""
-    try:
-        check_output_prefix(args.output_prefix, args.overwrite)  # before minutes of tokenizer loading
-        files = expand_inputs(args.input)
-        text = load_text_tokenizer(args.tokenizer_model, args.tokenizer_type)
-        vq = VQImageTokenizer(args.image_tokenizer) if args.image_tokenizer else None
-        layout = build_layout(args, text, vq)
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-    except (ValueError, OSError, VocabLayoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
+    check_output_prefix(args.output_prefix, args.overwrite)  # before minutes of tokenizer loading
+    files = expand_inputs(args.input)
+    text = load_text_tokenizer(args.tokenizer_model, args.tokenizer_type)
+    vq = VQImageTokenizer(args.image_tokenizer) if args.image_tokenizer else None
+    layout = build_layout(args, text, vq)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     return files, text, vq, layout
+
+
+# What a bad input raises here besides the project's own errors: a tokenizer or VQ folder that does not
+# load (transformers and sentencepiece raise OSError / ValueError / RuntimeError subclasses of their own).
+INPUT_ERRORS = (ValueError, OSError)
 
 
 def staged_run(args: argparse.Namespace, write) -> Optional[Dict[str, Any]]:
@@ -490,7 +525,7 @@ def staged_run(args: argparse.Namespace, write) -> Optional[Dict[str, Any]]:
     try:
         summary = write(stage.prefix, stage)
         with open(stage.prefix + ".stats.json", "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(summary | tokenizer_record(args), f, indent=2)
         stage.publish(args.overwrite)
     except (EncodingFailure, OutputExistsError) as e:
         stage.abort()
@@ -500,6 +535,13 @@ def staged_run(args: argparse.Namespace, write) -> Optional[Dict[str, Any]]:
         stage.abort()
         raise
     return summary
+
+
+def tokenizer_record(args: argparse.Namespace) -> Dict[str, str]:
+    """Where the tokenizers were (absolute paths, in PREFIX.stats.json): the trainer copies them into its run
+    folder from there (megatron_jam.data.run_files), so a run needs no tokenizer flag later."""
+    return {flag: os.path.abspath(getattr(args, flag)) for flag in ("tokenizer_model", "image_tokenizer")
+            if getattr(args, flag, None)}
 
 
 def write_interleaved(args: argparse.Namespace, files: List[str], config: Dict[str, Any], layout: VocabLayout,
@@ -519,11 +561,13 @@ def write_interleaved(args: argparse.Namespace, files: List[str], config: Dict[s
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv, extra_errors=INPUT_ERRORS)
+
+
+def _main(argv: List[str]) -> int:
     args = get_args(argv)
-    opened = open_inputs(args)
-    if opened is None:
-        return 2
-    files, text, vq, layout = opened
+    files, text, vq, layout = open_inputs(args)
     config = {"tokenizer_model": args.tokenizer_model, "tokenizer_type": text.type,
               "image_tokenizer": args.image_tokenizer,
               "layout": layout.to_dict(), "json_keys": args.json_keys}

@@ -23,7 +23,9 @@ from typing import List, Optional
 import numpy as np
 
 from megatron_jam.data.clip_embed import ClipEmbedder, embed_dataset
+from megatron_jam.data.integrity import check_dataset_files
 from megatron_jam.data.retrieval import EmbeddingShards, MipsIndex, neighbors_path, save_neighbors, select_neighbors
+from megatron_jam.utils.cli import add_debug_arg, require_path, run_cli
 
 
 def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -42,6 +44,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=1234, help="query dropout draws")
     p.add_argument("--no-progress-bar", action="store_true")
+    add_debug_arg(p)
     args = p.parse_args(argv)
     if args.num_neighbors < 1 or not 0 <= args.query_dropout < 1:
         p.error("--num-neighbors >= 1 and 0 <= --query-dropout < 1")
@@ -49,7 +52,16 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: List[str]) -> int:
     args = get_args(argv)
+    check_dataset_files(args.data_path)  # a missing or damaged query set: one line before CLIP is loaded
+    require_path("--index", args.index + ".bank.json")
+    if args.clip_model:
+        require_path("--clip-model", args.clip_model, directory=True)
     with open(args.index + ".bank.json", encoding="utf-8") as f:
         bank = json.load(f)
     t0 = time.time()

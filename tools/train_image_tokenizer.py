@@ -26,6 +26,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_jam.utils.cli import add_debug_arg, run_cli  # noqa: E402  (light: no torch)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_debug_arg(p)
     return p
 
 
@@ -188,12 +191,13 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line; a bad input is one line on stderr and exit code 2 (megatron_jam.utils.cli)."""
+    return run_cli(_main, argv, extra_errors=(InputError, ValueError))
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except (InputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = run(args)
     print(json.dumps(summary))
     return 0
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError, part_of
 from megatron_jam.convert.streaming import PartSource, save_streaming
-from megatron_jam.models.jam_gpt import MODEL_CONFIG_FILE, model_class
+from megatron_jam.models.kinds import MODEL_CONFIG_FILE, model_class
 from megatron_jam.utils.logging import get_logger
 
 logger = get_logger(__name__)

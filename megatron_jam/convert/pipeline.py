@@ -8,7 +8,7 @@ the output, over the process's fixed cost (benchmarks/bench_convert_memory.py).
 """
 
 import dataclasses
-import sys
+import os
 from dataclasses import dataclass
 
 import megatron_jam
@@ -21,7 +21,8 @@ from megatron_jam.convert.vocab import RULES, ParentTokenizer, VocabPlan, check_
 from megatron_jam.convert.vq import extract_image_tokenizer
 from megatron_jam.convert.width import width_config, width_part
 from megatron_jam.models.config import ConfigError
-from megatron_jam.models.jam_gpt import JamGPTConfig, validate_model_parallel
+from megatron_jam.models.config import JamGPTConfig
+from megatron_jam.models.kinds import validate_model_parallel
 from megatron_jam.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)
@@ -76,6 +77,7 @@ def convert(opts: ConvertOptions) -> dict:
         writer.write(parts, convert_part)
         # the VQ model stored with the parent (import) or the image parent (merges), if any
         record["image_tokenizer"] = extract_image_tokenizer(parents[-1], writer.tmp, opts.save)
+        record["text_tokenizer_file"] = _carry_text_files(opts, parents, writer.tmp)
         writer.finish(record)
     log_rank0(logger, "wrote %s (%s, %s)", opts.save, opts.method, type(cfg).__name__)
     return record
@@ -115,6 +117,25 @@ def _plan(opts: ConvertOptions, parents: list):
         return cfg, lambda part: uniform_part(*_pair(a, b, part, tied), plan, opts.llm_weight), record
     record |= {"width_init": opts.width_init}
     return cfg, lambda part: width_part(*_pair(a, b, part, tied), a.cfg, plan, opts.width_init), record
+
+
+def _carry_text_files(opts: ConvertOptions, parents: list, folder: str) -> str | None:
+    """The checkpoint's own vocabulary layout (--vocab-layout) and text tokenizer (the parents' copy that is the
+    layout's, else the first parent's), so the tools and the export need neither flag
+    (megatron_jam.data.run_files). Returns the tokenizer file copied, or None."""
+    from megatron_jam.data.run_files import LAYOUT_FILE, copy_tokenizer, matching_tokenizer
+
+    layout = _layout(opts.vocab_layout)
+    if layout is not None:
+        layout.to_json(os.path.join(folder, LAYOUT_FILE))
+    found = [tokenizer_file(p.path) for p in parents]
+    chosen = matching_tokenizer(found, layout) if layout is not None else next(filter(None, found), None)
+    if chosen is None:
+        log_rank0(logger, "no parent folder holds the text tokenizer%s: the tools will need --tokenizer-model",
+                  " of --vocab-layout" if layout is not None else "")
+        return None
+    copy_tokenizer(chosen, folder)
+    return chosen
 
 
 def _check_same_family(method: str, a, b) -> None:
@@ -159,9 +180,9 @@ def _layout(path: str | None):
 
 
 def _progress(parts: list):
-    from tqdm import tqdm
+    from megatron_jam.utils.progress import progress
 
-    return tqdm(total=len(parts), desc="convert", unit="part", file=sys.stderr, disable=not sys.stderr.isatty())
+    return progress(total=len(parts), desc="convert", unit="part", log_lines=False)  # each part is logged already
 
 
 __all__ = ["ConvertOptions", "METHODS", "VocabPlan", "convert"]

@@ -99,13 +99,14 @@ class MegatronParent:
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
         from megatron_jam.convert.checkpoint import CONVERSION_FILE, build_meta, read_hf_extra
-        from megatron_jam.models.jam_gpt import JamGPTConfig, load_model_config
+        from megatron_jam.models.kinds import kind_of, load_model_config
         from megatron_jam.training.checkpointing import resolve_checkpoint_dir
 
         self.path = path
         cfg = load_model_config(path)
-        if not isinstance(cfg, JamGPTConfig):
-            raise ConvertError(f"{path}: a JAM-Cross checkpoint cannot be a parent (model_type must be 'gpt')")
+        if not kind_of(cfg).single_stack:
+            raise ConvertError(f"{path}: a {kind_of(cfg).describe(cfg)} checkpoint cannot be a parent (model_type "
+                               f"must be 'gpt', a single stack)")
         self.model_cfg = cfg
         self.cfg: ParentConfig = cfg.parent
         self.vocab_size, self.tied = cfg.vocab_size, cfg.share_embeddings_and_output_weights
@@ -166,7 +167,7 @@ class MegatronParent:
 
 def open_parent(path: str) -> HFParent | MegatronParent:
     """A reader for `path`: megatron-jam checkpoint if it has model_config.json, else a HF folder."""
-    from megatron_jam.models.jam_gpt import MODEL_CONFIG_FILE
+    from megatron_jam.models.kinds import MODEL_CONFIG_FILE
 
     if not os.path.isdir(path):
         raise ConvertError(f"{path}: no such folder")
@@ -240,8 +241,15 @@ class Rows(RowTable):
 
 
 def tokenizer_file(path: str) -> str:
-    """The folder's first tokenizer file (`tokenizer.model`, else `tokenizer.json`), or ''."""
-    return next((os.path.join(path, n) for n in TOKENIZER_FILES if os.path.exists(os.path.join(path, n))), "")
+    """The folder's first tokenizer file (`tokenizer.model`, else `tokenizer.json`), else the one a megatron-jam
+    run or checkpoint carries in `tokenizer/` (megatron_jam.data.run_files), or ''."""
+    from megatron_jam.data.run_files import TOKENIZER_DIR
+
+    for folder in (path, os.path.join(path, TOKENIZER_DIR)):
+        found = next((os.path.join(folder, n) for n in TOKENIZER_FILES if os.path.exists(os.path.join(folder, n))), "")
+        if found:
+            return found
+    return ""
 
 
 def tokenizer_identity(path: str) -> str:

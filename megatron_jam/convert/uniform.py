@@ -14,7 +14,7 @@ from torch import Tensor
 from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError
 from megatron_jam.convert.vocab import VocabPlan
 from megatron_jam.models.config import ParentConfig
-from megatron_jam.models.jam_gpt import JamGPTConfig
+from megatron_jam.models.config import JamGPTConfig
 
 CHUNK = 1 << 22
 """Elements per slice of the fp32 arithmetic."""

@@ -16,11 +16,11 @@ import struct
 from dataclasses import dataclass
 
 from megatron_jam.convert.common import ConvertError
+from megatron_jam.data.run_files import IMAGE_TOKENIZER_DIR
 from megatron_jam.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)
 
-IMAGE_TOKENIZER_DIR = "image_tokenizer"
 WEIGHTS_FILE = "model.safetensors"
 COPY_BYTES = 1 << 26
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -87,12 +87,24 @@ def write_image_tokenizer(src: ImageTokenizerSource, folder: str) -> None:
     """`folder`/config.json + `folder`/model.safetensors (+ the source's preprocessor_config.json: how
     `VQImageTokenizer` sizes and normalises images for this VQ; + its decoder.safetensors: Chameleon's decoder)."""
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(src.config, f, indent=2, sort_keys=True)
-    copy_tensors(src.tensors, os.path.join(folder, WEIGHTS_FILE))
+    if _written_folder(src):  # byte for byte: the folder's identity (a hash of its files) stays the layout's
+        for name in ("config.json", WEIGHTS_FILE):
+            shutil.copyfile(os.path.join(src.where, name), os.path.join(folder, name))
+    else:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(src.config, f, indent=2, sort_keys=True)
+        copy_tensors(src.tensors, os.path.join(folder, WEIGHTS_FILE))
     for name in (PROCESSOR_FILE, DECODER_FILE):
         if os.path.isfile(os.path.join(src.where, name)):
             shutil.copyfile(os.path.join(src.where, name), os.path.join(folder, name))
+
+
+def _written_folder(src: ImageTokenizerSource) -> bool:
+    """Whether `src` is a VQ folder as is (a run's or an earlier conversion's image_tokenizer/: config.json and
+    model.safetensors holding every tensor under its own name), not tensors inside a parent's checkpoint."""
+    weights = os.path.join(src.where, WEIGHTS_FILE)
+    return os.path.isfile(os.path.join(src.where, "config.json")) and all(
+        f == weights and k == stored for k, (f, stored) in src.tensors.items())
 
 
 def read_image_tokenizer(folder: str) -> ImageTokenizerSource | None:

@@ -24,7 +24,7 @@ from megatron_jam.convert.common import (EMB, FC1_B, FC1_W, HF_EXTRA, K_NORM, OU
 from megatron_jam.convert.uniform import check_same_architecture
 from megatron_jam.convert.vocab import VocabPlan
 from megatron_jam.models.config import ParentConfig
-from megatron_jam.models.jam_gpt import JamGPTConfig
+from megatron_jam.models.config import JamGPTConfig
 
 INITS = ("copy", "average")
 

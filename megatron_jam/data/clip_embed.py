@@ -179,12 +179,11 @@ def embed_dataset(prefix: str, embedder: ClipEmbedder, *, inputs: Optional[Seque
     With `shard_dir`, every `shard_size` documents are saved as `emb_00000.npy`, ... and shards
     already there are loaded instead of recomputed, so an interrupted run resumes.
     """
-    from tqdm import tqdm
-
     from megatron_jam.data.indexed_builder import read_index_header
+    from megatron_jam.utils.progress import progress as progress_bar
 
     total = int(read_index_header(prefix + ".idx")["document_count"]) - 1
-    bar = tqdm(total=total, unit="doc", disable=not progress, desc="embedding")
+    bar = progress_bar(total=total, desc="embedding", unit="doc", enabled=progress)
     shards: List[np.ndarray] = []
     pending: List[Tuple[str, List[str]]] = []
     count = 0

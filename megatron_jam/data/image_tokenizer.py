@@ -94,6 +94,21 @@ def _file_digest(paths: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _weight_files(path: str) -> List[str]:
+    """The VQ folder's weights: every *.safetensors but Chameleon's decoder (no part of what codes mean)."""
+    from megatron_jam.data.chameleon_vqgan import DECODER_FILE
+
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors") and f != DECODER_FILE)
+
+
+def folder_identity(path: str) -> str:
+    """`VQImageTokenizer(path).identity` without loading the model (what run folders check before copying)."""
+    config_path = os.path.join(path, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    return f"{model_type}:sha256:{_file_digest([config_path] + _weight_files(path))}"
+
+
 def _config_resolution(config, path: str) -> int:
     """Input size in pixels: config.resolution, else (Janus saves none) num_patches times the encoder's
     downsampling, 2 ** (len(channel_multiplier) - 1): one stride-2 conv between consecutive levels."""
@@ -124,7 +139,7 @@ class VQImageTokenizer:
         import torch
         import transformers
 
-        from megatron_jam.data.chameleon_vqgan import DECODER_FILE, load_decoder
+        from megatron_jam.data.chameleon_vqgan import load_decoder
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
@@ -138,8 +153,7 @@ class VQImageTokenizer:
                     "image_tokenizer/" if config.model_type == "emu3" else "")
             raise ValueError(f"--image-tokenizer {path}: model_type {config.model_type!r} is not one of "
                              f"{sorted(SUPPORTED_MODELS)}{hint}")
-        weights = sorted(os.path.join(path, f) for f in os.listdir(path)
-                         if f.endswith(".safetensors") and f != DECODER_FILE)
+        weights = _weight_files(path)
         if not weights:
             raise FileNotFoundError(f"--image-tokenizer {path}: no *.safetensors weights next to config.json")
         cls = getattr(transformers, SUPPORTED_MODELS[config.model_type])

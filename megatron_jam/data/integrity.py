@@ -89,6 +89,19 @@ def _section(path: str, offset: int, dtype: Any, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,)) if count else np.zeros(0, dtype)
 
 
+def index_arrays(prefix: str) -> Dict[str, np.ndarray]:
+    """The checked .idx sections of PREFIX, memory-mapped, as Megatron-Core's `IndexedDataset` reads them
+    (DESIGN.md section 3): sequence lengths and byte pointers, document boundaries, sequence modes (zeros
+    when the dataset has none) and the header. Inspection reads them without importing Megatron-Core."""
+    header = check_dataset_files(prefix)
+    n, d, idx = header["sequence_count"], header["document_count"], prefix + ".idx"
+    modes_at = _HEADER_BYTES + 12 * n + 8 * d
+    return {"header": header, "lengths": _section(idx, _HEADER_BYTES, np.int32, n),
+            "pointers": _section(idx, _HEADER_BYTES + 4 * n, np.int64, n),
+            "documents": _section(idx, _HEADER_BYTES + 12 * n, np.int64, d),
+            "modes": _section(idx, modes_at, np.int8, n) if header["has_modes"] else np.zeros(n, np.int8)}
+
+
 def checkpoint_layout(folder: Optional[str]) -> Tuple[Optional[VocabLayout], Optional[str]]:
     """(layout, its file) recorded in a checkpoint folder, or (None, None) when it records none
     (a converted checkpoint without one, a run from before the trainer recorded it)."""

@@ -86,6 +86,11 @@ class TextTokenizer(abc.ABC):
         """`encode` of each text, in this thread (the caller parallelises with processes)."""
         return [self.encode(t) for t in texts]
 
+    def special_ids(self) -> dict:
+        """{"bos_token_id", "eos_token_id", "pad_token_id"} -> id or None: what a Hugging Face export writes
+        into config.json and generation_config.json."""
+        return {"bos_token_id": None, "eos_token_id": self.eos_id, "pad_token_id": None}
+
 
 class SentencePieceTextTokenizer(TextTokenizer):
     """A sentencepiece `.model` file (what every tool accepted before)."""
@@ -116,6 +121,10 @@ class SentencePieceTextTokenizer(TextTokenizer):
     def encode(self, text: str) -> List[int]:
         return self.sp.encode(text, out_type=int)
 
+    def special_ids(self) -> dict:
+        ids = {"bos_token_id": self.sp.bos_id(), "eos_token_id": self.sp.eos_id(), "pad_token_id": self.sp.pad_id()}
+        return {k: int(v) if v >= 0 else None for k, v in ids.items()}
+
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
         return self.sp.encode(texts, out_type=int, num_threads=1) if texts else []
 
@@ -141,27 +150,32 @@ class HuggingFaceTextTokenizer(TextTokenizer):
         vocab = self.tok.get_vocab(with_added_tokens=True)
         # ids are normally contiguous; a tokenizer with holes still needs every id below its largest
         self._size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
-        self._eos = self._read_eos(os.path.dirname(os.path.abspath(self.file)))
+        self._eos = self._read_token(os.path.dirname(os.path.abspath(self.file)), "eos_token")
 
-    def _read_eos(self, folder: str) -> Optional[int]:
-        """Id of the eos token named in tokenizer_config.json (else special_tokens_map.json), or None."""
+    def special_ids(self) -> dict:
+        folder = os.path.dirname(os.path.abspath(self.file))
+        return {f"{name}_id": self._read_token(folder, name) for name in ("bos_token", "eos_token", "pad_token")}
+
+    def _read_token(self, folder: str, key: str) -> Optional[int]:
+        """Id of the `key` token (e.g. eos_token) named in tokenizer_config.json (else special_tokens_map.json),
+        or None."""
         for name in HF_CONFIG_FILES:
             config = os.path.join(folder, name)
             if not os.path.isfile(config):
                 continue
             try:
                 with open(config, encoding="utf-8") as f:
-                    token = json.load(f).get("eos_token")
+                    token = json.load(f).get(key)
             except (OSError, ValueError, AttributeError) as e:
-                raise TextTokenizerError(f"{config}: cannot read the eos token ({_first_line(e)})") from e
+                raise TextTokenizerError(f"{config}: cannot read {key} ({_first_line(e)})") from e
             if isinstance(token, dict):  # serialised AddedToken
                 token = token.get("content")
             if not token:
                 continue
-            eos = self.tok.token_to_id(token)
-            if eos is None:
-                raise TextTokenizerError(f"{config}: eos_token {token!r} is not in {self.file}")
-            return int(eos)
+            found = self.tok.token_to_id(token)
+            if found is None:
+                raise TextTokenizerError(f"{config}: {key} {token!r} is not in {self.file}")
+            return int(found)
         return None
 
     @property

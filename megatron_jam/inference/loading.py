@@ -13,6 +13,7 @@ The model is built and loaded exactly as the evaluator does it
 
 import hashlib
 import json
+import logging
 import os
 
 from megatron_jam.data.vocab import VocabLayout, VocabLayoutError
@@ -71,6 +72,37 @@ def check_checkpoint_layout(load: str, cfg, layout: VocabLayout) -> None:
                 f"vocabulary layout has {layout.text_rows} (text_vocab_size={layout.text_vocab_size})")
 
 
+def load_tokenizers(args, layout: VocabLayout) -> tuple:
+    """(text tokenizer or None, VQ tokenizer or None) of a generation tool: `--tokenizer-model` /
+    `--image-tokenizer` when given (a mismatch with the layout is an error), else the copies the `--load`
+    folder carries (`tokenizer/`, `image_tokenizer/`; megatron_jam.data.run_files)."""
+    from megatron_jam.data.run_files import run_image_tokenizer, run_tokenizer
+
+    def text_tokenizer(path, given):
+        return load_text_tokenizer(path, layout, args.tokenizer_type if given else None)  # a copy: its own kind
+
+    text = _given_or_carried("--tokenizer-model", args.tokenizer_model, run_tokenizer(args.load), text_tokenizer)
+    vq = _given_or_carried("--image-tokenizer", args.image_tokenizer, run_image_tokenizer(args.load),
+                           lambda path, given: load_image_tokenizer(path, layout))
+    return text, vq
+
+
+def _given_or_carried(flag: str, given: str | None, carried: str | None, load):
+    """`load(given)`, whose errors stop the run; else `load(carried)`, left out with a warning when the copy does
+    not fit the layout: a default must not turn a run that needs no such tokenizer into an error."""
+    if given is not None:
+        return load(given, True)
+    if carried is None:
+        return None
+    try:
+        found = load(carried, False)
+    except GenerationSetupError as e:
+        log_rank0(logger, "%s: the copy in --load does not fit, not used: %s", flag, e, level=logging.WARNING)
+        return None
+    log_rank0(logger, "%s %s (carried by --load)", flag, carried)
+    return found
+
+
 def load_text_tokenizer(path: str, layout: VocabLayout, tokenizer_type: str | None = None):
     """The text tokenizer at `path` (`megatron_jam.data.text_tokenizer`; sentencepiece or Hugging Face, the
     type inferred when None), which must be the layout's: same vocabulary size, same identity."""
@@ -110,7 +142,7 @@ def load_image_tokenizer(path: str, layout: VocabLayout):
 def load_model(load: str, tp: int = 1, pp: int = 1, iteration: int | None = None):
     """(model, cfg): the whole model on this rank's TP shard, eval mode, weights from `load` (a training
     folder's latest iteration, or `iteration`)."""
-    from megatron_jam.models.jam_gpt import load_model_config, model_class, validate_model_parallel
+    from megatron_jam.models.kinds import load_model_config, model_class, validate_model_parallel
     from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 
     if pp != 1:

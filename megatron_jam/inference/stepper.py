@@ -138,10 +138,15 @@ class CrossStepper(_Stepper):
         return self._output(self.model.fusion(hidden[..., :d], hidden[..., d:]))
 
 
+STEPPERS = {"gpt": GPTStepper, "jam_cross": CrossStepper}
+"""Model kind (`models.kinds`) -> its incremental decoder."""
+
+
 def max_positions(cfg) -> int:
     """Rows of the position tables (the hard context limit of the model)."""
-    parents = [cfg.parent] if hasattr(cfg, "parent") else [cfg.llm, cfg.img]
-    return min(p.max_position_embeddings for p in parents)
+    from megatron_jam.models.kinds import parents
+
+    return min(p.max_position_embeddings for p in parents(cfg))
 
 
 def build_stepper(model, cfg) -> _Stepper:
@@ -155,5 +160,4 @@ def build_stepper(model, cfg) -> _Stepper:
     if model.config.sequence_parallel:
         raise ValueError("generation runs without sequence parallelism; build the model with sequence_parallel=False")
     model.eval()
-    cls = CrossStepper if hasattr(model, "llm_cross") else GPTStepper
-    return cls(model, max_positions(cfg))
+    return STEPPERS[cfg.MODEL_TYPE](model, max_positions(cfg))

@@ -240,3 +240,40 @@ def validate_parallel(cfg: JamCrossConfig, tp: int = 1, pp: int = 1, vpp: int | 
 def _check_div(what: str, value: int, by_name: str, by: int) -> None:
     if by < 1 or value % by:
         raise ConfigError(f"{what}={value} is not divisible by {by_name}={by}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JamGPTConfig(ModelConfigMixin):
+    """One decoder stack: an imported parent, JAM-Uniform, or JAM-Width."""
+
+    parent: ParentConfig = field(default_factory=ParentConfig)
+    """Shape of the stack (JAM-Width: hidden, heads, groups and MLP width doubled)."""
+    vocab_size: int = 512
+    """Vocabulary rows used by data (unpadded)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this (independent of TP, so checkpoints reshard)."""
+    share_embeddings_and_output_weights: bool = True
+    """Tied input/output embedding (OPT, CM3leon: True; most Llamas: False)."""
+    seq_length: int = 2048
+    """Training sequence length."""
+
+    MODEL_TYPE = "gpt"
+    PARENT_FIELDS = ("parent",)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.parent.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.parent.num_layers
+
+    def __post_init__(self):
+        if self.vocab_size < 1:
+            raise ConfigError(f"vocab_size={self.vocab_size} must be positive")
+
+
+def validate_gpt_parallel(cfg: JamGPTConfig, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                          sequence_parallel: bool = False, seq_length: int | None = None) -> None:
+    """Check a parallel layout before process groups start; raise ConfigError naming the values."""
+    validate_stack(cfg, {"": cfg.parent}, tp, pp, vpp, sequence_parallel, seq_length)

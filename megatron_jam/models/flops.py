@@ -39,7 +39,7 @@ def jam_cross_flops_per_token(cfg: JamCrossConfig, seq_length: int) -> float:
 
 
 def model_flops_per_token(cfg, seq_length: int) -> float:
-    """Training FLOPs per token of a JAM-Cross or single-stack model (the MFU numerator)."""
-    if isinstance(cfg, JamCrossConfig):
-        return jam_cross_flops_per_token(cfg, seq_length)
-    return parent_flops_per_token(cfg.parent, cfg.padded_vocab_size, seq_length)
+    """Training FLOPs per token of any registered model kind (the MFU numerator)."""
+    from megatron_jam.models.kinds import kind_of
+
+    return kind_of(cfg).flops_per_token(cfg, seq_length)

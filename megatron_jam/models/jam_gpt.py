@@ -6,8 +6,8 @@ twice the heads (same head size), so all three are one decoder stack that
 `ParentConfig` describes. `JamGPTConfig` adds what a checkpoint needs on top
 (vocabulary, tied embeddings, sequence length) and is written as
 `model_config.json` with `"model_type": "gpt"` next to converted checkpoints;
-`load_model_config` reads either type, so the trainer, evaluator and
-generator never retype architecture flags.
+`models.kinds.load_model_config` reads either type, so the trainer, evaluator and
+generator never retype architecture flags. The config lives in `models/config.py`.
 
 JAM-Width needs no special layers: the converter builds every fused weight in
 the logical (HF-like) layout, blockwise, and only then packs QKV into
@@ -18,57 +18,14 @@ block whole on its TP rank (tests/test_convert.py checks TP=2 logits against
 TP=1).
 """
 
-import json
-from dataclasses import dataclass, field
-
 from torch import Tensor
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
 from megatron_jam.models.builders import parent_transformer_config
-from megatron_jam.models.config import ConfigError, JamCrossConfig, ModelConfigMixin, ParentConfig, validate_stack
+from megatron_jam.models.config import JamGPTConfig, validate_gpt_parallel
 from megatron_jam.models.specs import block_spec, parent_layer_spec
-
-MODEL_CONFIG_FILE = "model_config.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class JamGPTConfig(ModelConfigMixin):
-    """One decoder stack: an imported parent, JAM-Uniform, or JAM-Width."""
-
-    parent: ParentConfig = field(default_factory=ParentConfig)
-    """Shape of the stack (JAM-Width: hidden, heads, groups and MLP width doubled)."""
-    vocab_size: int = 512
-    """Vocabulary rows used by data (unpadded)."""
-    make_vocab_size_divisible_by: int = 128
-    """The embedding is padded to a multiple of this (independent of TP, so checkpoints reshard)."""
-    share_embeddings_and_output_weights: bool = True
-    """Tied input/output embedding (OPT, CM3leon: True; most Llamas: False)."""
-    seq_length: int = 2048
-    """Training sequence length."""
-
-    MODEL_TYPE = "gpt"
-    PARENT_FIELDS = ("parent",)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.parent.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.parent.num_layers
-
-    def __post_init__(self):
-        if self.vocab_size < 1:
-            raise ConfigError(f"vocab_size={self.vocab_size} must be positive")
-
-
-def validate_gpt_parallel(cfg: JamGPTConfig, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                          sequence_parallel: bool = False, seq_length: int | None = None) -> None:
-    """Check a parallel layout before process groups start; raise ConfigError naming the values."""
-    validate_stack(cfg, {"": cfg.parent}, tp, pp, vpp, sequence_parallel, seq_length)
-
 
 class JamGPTModel(GPTModel):
     """Megatron-Core `GPTModel` built from a `JamGPTConfig` (the stage this rank holds).
@@ -109,41 +66,3 @@ class JamGPTModel(GPTModel):
                 labels: Tensor | None = None, **kwargs) -> Tensor:
         """Causal masks are implicit (attention_mask=None), as in `JamCrossModel`."""
         return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
-
-
-def load_model_config(path: str) -> JamGPTConfig | JamCrossConfig:
-    """Read a model-config JSON (a file, or a checkpoint folder holding model_config.json)."""
-    import os
-
-    if os.path.isdir(path):
-        path = os.path.join(path, MODEL_CONFIG_FILE)
-    if not os.path.exists(path):
-        raise ConfigError(f"model config {path}: no such file")
-    with open(path) as f:
-        return model_config_from_dict(json.load(f), where=f"model config {path}")
-
-
-def model_config_from_dict(d: dict, where: str = "model config") -> JamGPTConfig | JamCrossConfig:
-    """The config a `to_dict()` came from, by its `model_type`."""
-    kind = d.get("model_type")
-    if kind == "gpt":
-        return JamGPTConfig.from_dict(d)
-    if kind == "jam_cross":
-        return JamCrossConfig.from_dict(d)
-    raise ConfigError(f"{where}: model_type={kind!r} is not one of 'gpt', 'jam_cross'")
-
-
-def model_class(cfg: JamGPTConfig | JamCrossConfig) -> type:
-    """The model class that builds `cfg` (for `build_model_chunks`)."""
-    if isinstance(cfg, JamGPTConfig):
-        return JamGPTModel
-    from megatron_jam.models.jam_cross import JamCrossModel
-
-    return JamCrossModel
-
-
-def validate_model_parallel(cfg: JamGPTConfig | JamCrossConfig, **layout) -> None:
-    """`validate_parallel` for either model type."""
-    from megatron_jam.models.config import validate_parallel
-
-    (validate_gpt_parallel if isinstance(cfg, JamGPTConfig) else validate_parallel)(cfg, **layout)

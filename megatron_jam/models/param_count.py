@@ -68,7 +68,7 @@ def table4_rows(vocab_size: int = 65536) -> dict[str, float]:
 
 
 def model_params(cfg) -> int:
-    """Parameters of a JAM-Cross (`JamCrossConfig`) or single-stack (`JamGPTConfig`) model."""
-    if isinstance(cfg, JamCrossConfig):
-        return jam_cross_params(cfg)
-    return parent_params(cfg.parent, cfg.padded_vocab_size, cfg.share_embeddings_and_output_weights)
+    """Parameters of any registered model kind (`models.kinds`)."""
+    from megatron_jam.models.kinds import kind_of
+
+    return kind_of(cfg).params(cfg)

@@ -12,7 +12,7 @@ to full tensors under the same keys, so every parameter is compared.
 import torch
 import torch.distributed as dist
 
-from megatron_jam.models.jam_gpt import model_class, model_config_from_dict
+from megatron_jam.models.kinds import model_class, model_config_from_dict
 from megatron_jam.parallel.initialize import initialize_model_parallel
 from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 from megatron_jam.parallel.schedule import forward_backward

@@ -7,13 +7,15 @@ of a hang or a shape error on some rank.
 """
 
 import argparse
+import dataclasses
+import json
+import math
 import os
 
-import torch
-
 from megatron_jam.models.config import ConfigError
-from megatron_jam.models.jam_gpt import load_model_config, validate_model_parallel
-from megatron_jam.utils.logging import get_logger, log_rank0
+from megatron_jam.models.kinds import kind_of, load_model_config, validate_model_parallel
+from megatron_jam.utils.cli import add_debug_arg
+from megatron_jam.utils.logging import get_logger, global_rank, log_rank0
 from megatron_jam.utils.paths import output_dir_problem, output_file_problem
 
 logger = get_logger(__name__)
@@ -22,9 +24,20 @@ TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "c
 
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 
+DESCRIPTION = ("JAM continued pretraining: JAM-Cross, JAM-Width, JAM-Uniform or a single parent, per "
+               "--model-config / --load (Megatron-LM's flag names; exit code 2 with one line on a bad flag)")
+
+DEFAULT_TRAIN_ITERS = 20
+
+ARGS_FILE = "args.json"
+
+# Megatron-LM's model-shape flags, applied to the `parent` of a single-stack model config.
+SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+               "max_position_embeddings")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron_jam.pretrain", description="JAM-Cross continued pretraining")
+    p = argparse.ArgumentParser(prog="megatron_jam.pretrain", description=DESCRIPTION)
     g = p.add_argument_group("model")
     g.add_argument("--model-config", default=None,
                    help="model-config JSON, JAM-Cross or single-stack (default: the model_config.json of --load, "
@@ -41,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with full: uniform = every chunk of --recompute-num-layers layers, block = the first "
                         "--recompute-num-layers layers of each pipeline stage")
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    _add_shape_args(p)
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -50,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=2)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
     g.add_argument("--seq-length", type=int, default=None, help="default: the model config's seq_length")
-    g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--train-iters", type=int, default=None,
+                   help=f"default: {DEFAULT_TRAIN_ITERS}, or from --train-samples")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="train on this many samples instead: iterations = ceil(samples / global batch size), "
+                        "as Megatron-LM (excludes --train-iters)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="exit when the iteration is a multiple of N (with a checkpoint if --save), as Megatron-LM")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=3e-5)
     g.add_argument("--lr-warmup-iters", type=int, default=None,
@@ -119,13 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-file", default=None, help="JSON lines per logged step (default: <save>/metrics.jsonl)")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--wandb-project", default=None)
+    add_debug_arg(p)
+    _show_defaults(p)
     return p
 
 
-def _parents(cfg) -> dict:
-    if hasattr(cfg, "llm"):
-        return {"llm": cfg.llm, "img": cfg.img}
-    return {"parent": cfg.parent}
+def _add_shape_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's model-shape flags, for a single-stack model trained from scratch (`SHAPE_FLAGS`)."""
+    g = p.add_argument_group("model shape", "override the model config's parent, for a single-stack model "
+                                            "trained from scratch (no --load; JAM-Cross: edit its config)")
+    for field in SHAPE_FLAGS:
+        g.add_argument("--" + field.replace("_", "-"), type=int, default=None,
+                       help=f"the parent's {field} (default: the model config's)")
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """'(default: X)' after every flag whose help does not say its default already (None / off say nothing).
+    Not `ArgumentDefaultsHelpFormatter`: it skips flags without a help text and repeats written defaults."""
+    for action in p._actions:
+        said = action.help and "default" in action.help
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and not said:
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
 
 
 def _world_size() -> int:
@@ -140,7 +174,10 @@ def validate_args(args: argparse.Namespace):
     path = path or os.path.normpath(TINY_CONFIG)
     if not os.path.exists(path):
         raise ConfigError(f"--model-config {path}: no such file")
-    cfg = load_model_config(path)
+    try:
+        cfg = _apply_shape_flags(args, load_model_config(path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-config {path}: not valid JSON ({e})") from None
     args.model_config = path
     args.seq_length = args.seq_length or cfg.seq_length
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -152,9 +189,9 @@ def validate_args(args: argparse.Namespace):
                               f" does not divide the {per_stage} layers of each pipeline stage")
         vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
     args.virtual_pipeline_model_parallel_size = vpp
-    for name, p in _parents(cfg).items():
+    for name, p in kind_of(cfg).parents(cfg).items():
         if p.family == "opt" and args.seq_length > p.max_position_embeddings:
-            raise ConfigError(f"--seq-length {args.seq_length} exceeds {name}.max_position_embeddings="
+            raise ConfigError(f"--seq-length {args.seq_length} exceeds {name or 'parent'}.max_position_embeddings="
                               f"{p.max_position_embeddings} (learned positions)")
     validate_model_parallel(cfg, tp=tp, pp=pp, vpp=vpp, sequence_parallel=args.sequence_parallel,
                             seq_length=args.seq_length)
@@ -168,9 +205,12 @@ def validate_args(args: argparse.Namespace):
         raise ConfigError(f"--global-batch-size={args.global_batch_size} is not divisible by "
                           f"--micro-batch-size={args.micro_batch_size} x data-parallel size={dp}")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    _resolve_train_iters(args)
     _resolve_schedule(args)
     if args.save:
         args.exit_signal_handler = True
+    import torch
+
     if args.bf16 and not torch.cuda.is_available():
         raise ConfigError("--bf16 needs a GPU: Megatron-Core's mixed-precision optimizer keeps CUDA tensors only; "
                           "CPU runs train in fp32 (drop --bf16)")
@@ -194,6 +234,8 @@ def validate_args(args: argparse.Namespace):
                           "distributed optimizer updated)")
     if args.mock_data and args.data_path:
         raise ConfigError("--mock-data and --data-path exclude each other")
+    if args.valid_data_path and not args.data_path:
+        raise ConfigError("--valid-data-path needs --data-path (mock data has its own synthetic validation set)")
     if args.load and not os.path.isdir(args.load):
         raise ConfigError(f"--load {args.load}: no such directory")
     if args.ckpt_step is not None and args.ckpt_step < 0:
@@ -206,6 +248,58 @@ def validate_args(args: argparse.Namespace):
         raise ConfigError(f"--metrics-file {args.metrics_file}: {output_file_problem(args.metrics_file)}")
     return cfg
 
+
+def _apply_shape_flags(args: argparse.Namespace, cfg):
+    """The config with `SHAPE_FLAGS` given on the command line written into its parent; refused for JAM-Cross
+    (two parents: which one?) and with --load (the checkpoint's shape is fixed)."""
+    given = {f: getattr(args, f) for f in SHAPE_FLAGS if getattr(args, f, None) is not None}
+    if not given:
+        return cfg
+    flags = " ".join("--" + f.replace("_", "-") for f in given)
+    if args.load:
+        raise ConfigError(f"{flags}: the model shape comes from the --load checkpoint; these flags only apply "
+                          "to a model trained from scratch (drop them, or drop --load)")
+    if not kind_of(cfg).single_stack:
+        raise ConfigError(f"{flags}: {kind_of(cfg).describe(cfg)} has two parents (llm, img); the shape flags "
+                          "apply to a single-stack model config (edit the JAM-Cross config's parents instead)")
+    try:
+        return dataclasses.replace(cfg, parent=dataclasses.replace(cfg.parent, **given))
+    except ConfigError as e:
+        raise ConfigError(f"{flags}: {e}") from None
+
+
+def _resolve_train_iters(args: argparse.Namespace) -> None:
+    """--train-iters, or from --train-samples (Megatron-LM: ceil(samples / global batch size))."""
+    if args.train_samples is not None:
+        if args.train_iters is not None:
+            raise ConfigError("--train-iters and --train-samples exclude each other (give one)")
+        if args.train_samples < 1:
+            raise ConfigError(f"--train-samples {args.train_samples}: expected at least 1")
+        args.train_iters = math.ceil(args.train_samples / args.global_batch_size)
+    elif args.train_iters is None:
+        args.train_iters = DEFAULT_TRAIN_ITERS
+    if args.exit_interval is not None and args.exit_interval < 1:
+        raise ConfigError(f"--exit-interval {args.exit_interval}: expected at least 1")
+
+
+def format_args(args: argparse.Namespace) -> str:
+    """Megatron-LM's block of effective arguments (sorted, dotted), as its `_print_args` prints it."""
+    lines = [f"  {k} {'.' * (48 - len(k))} {v}" for k, v in vars(args).items()]
+    return "\n".join(["------------------------ arguments ------------------------",
+                      *sorted(lines, key=str.lower),
+                      "-------------------- end of arguments ---------------------"])
+
+
+def log_args(args: argparse.Namespace) -> None:
+    """The effective arguments, once (rank 0), before anything starts."""
+    log_rank0(logger, "effective arguments:\n%s", format_args(args))
+
+
+def save_args(args: argparse.Namespace) -> None:
+    """`<save>/args.json`: the effective arguments of the run (rank 0; the trainer holds the run lock)."""
+    if args.save and global_rank() == 0:
+        with open(os.path.join(args.save, ARGS_FILE), "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
 
 DEFAULT_WARMUP_ITERS = 2
 

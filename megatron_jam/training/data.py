@@ -96,20 +96,34 @@ def check_data(args, cfg, checkpoint_dir: str | None = None) -> list:
     return [layouts[p] for p in blend]
 
 
-def _record_layout(save, layouts) -> None:
+def _record_layout(args, layouts) -> None:
     """`<save>/vocab_layout.json`: the data's vocabulary layout travels with the run, so generation and
-    evaluation check against exactly it (rank 0; only when every prefix of the blend has the same layout)."""
+    evaluation check against exactly it (rank 0; only when every prefix of the blend has the same layout);
+    and with it the layout's text and image tokenizers (`megatron_jam.data.run_files`: from --load, else
+    from the prefixes' PREFIX.stats.json), so the run folder is all the tools need."""
     import torch.distributed as dist
 
-    from megatron_jam.inference.loading import LAYOUT_FILES
+    from megatron_jam.data.run_files import LAYOUT_FILE, carry_run_files
 
+    save = args.save
     if not save or not layouts or (dist.is_initialized() and dist.get_rank() != 0):
         return
     if any(layout != layouts[0] for layout in layouts[1:]):
         log_rank0(logger, "the --data-path prefixes have different vocabulary layouts: none recorded in %s", save)
         return
     os.makedirs(save, exist_ok=True)
-    layouts[0].to_json(os.path.join(save, LAYOUT_FILES[0]))
+    layouts[0].to_json(os.path.join(save, LAYOUT_FILE))
+    load = getattr(args, "load", None)
+    carry_run_files(save, layouts[0], load if load and os.path.abspath(load) != os.path.abspath(save) else None,
+                    _prefixes(args))
+
+
+def _prefixes(args) -> list:
+    """Every dataset prefix of the run: the --data-path blend's and the named validation sets'."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    blend = list(get_blend_from_list(list(args.data_path))[0]) if args.data_path else []
+    return blend + [entry.partition("=")[2] or entry for entry in args.valid_data_path or []]
 
 
 def _named_valid_sets(args, cfg, n_valid: int) -> dict:
@@ -141,7 +155,7 @@ def build_data_sources(args, cfg, checkpoint_dir: str | None = None) -> tuple[ob
         return train, {"valid": valid}
     from megatron_jam.data.cm3_dataset import build_train_valid_test_datasets
 
-    _record_layout(args.save, check_data(args, cfg, checkpoint_dir))
+    _record_layout(args, check_data(args, cfg, checkpoint_dir))
     # Samples only from the splits the run reads: no test set, no validation set without --eval-interval
     # (0 = an empty set, so a tiny corpus whose split rounds them to 0 documents still trains).
     train, valid, _ = build_train_valid_test_datasets(

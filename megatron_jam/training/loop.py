@@ -26,12 +26,12 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_jam.models.flops import model_flops_per_token
-from megatron_jam.models.jam_gpt import model_class
+from megatron_jam.models.kinds import kind_of, model_class
 from megatron_jam.models.param_count import model_params
 from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
 from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 from megatron_jam.parallel.schedule import forward_backward, lm_forward_step
-from megatron_jam.training.arguments import build_parser, validate_args
+from megatron_jam.training.arguments import build_parser, log_args, save_args, validate_args
 from megatron_jam.training.checkpointing import load_checkpoint, read_latest, save_checkpoint
 from megatron_jam.training.metrics import (MetricsWriter, any_rank_true, format_line, format_modality_loss,
                                             reduce_step_losses)
@@ -165,7 +165,7 @@ def _build(args, cfg):
             align_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size),
         use_te=args.transformer_impl == "transformer_engine")
     log_rank0(logger, "%s: %.3fM parameters; TP=%d PP=%d DP=%d SP=%s; %d micro-batches of %d; attention %s",
-              _describe(cfg), model_params(cfg) / 1e6, args.tensor_model_parallel_size,
+              kind_of(cfg).describe(cfg), model_params(cfg) / 1e6, args.tensor_model_parallel_size,
               args.pipeline_model_parallel_size, args.data_parallel_size, args.sequence_parallel,
               args.num_microbatches, args.micro_batch_size, _attention(args))
     return chunks
@@ -176,12 +176,6 @@ def _attention(args) -> str:
         return f"Transformer Engine ({args.attention_backend})"
     unfused = args.attention_backend in ("unfused", "local")
     return "Megatron-Core unfused" if unfused else f"PyTorch SDPA ({args.attention_backend})"
-
-
-def _describe(cfg) -> str:
-    if hasattr(cfg, "cross_every"):
-        return f"JAM-Cross (k={cfg.cross_every})"
-    return f"single-stack GPT ({cfg.parent.family}, d={cfg.hidden_size})"
 
 
 def _record(run: _Run, losses: dict, grad_norm: float, dt: float) -> dict:
@@ -242,6 +236,7 @@ def train(args, cfg, forward_step_func=lm_forward_step) -> list[dict]:
     The `--save` folder is locked for the run (`run_lock`): a second run on it fails at once."""
     lock = lock_run_dir(args.save) if args.save else None
     try:
+        save_args(args)
         return _train(args, cfg, forward_step_func)
     finally:
         if lock is not None:
@@ -299,8 +294,11 @@ def _loop(run: _Run, data, valid_sets: dict, writer, sigterm, forward_step_func)
             run.save()
         if sigterm is not None and sigterm.received():
             log_rank0(logger, "SIGTERM received: checkpoint at iteration %d and exit", run.iteration)
-            if not (a.save_interval and run.iteration % a.save_interval == 0):
-                run.save()
+            _save_unless_saved(run)
+            return
+        if a.exit_interval and run.iteration % a.exit_interval == 0:
+            log_rank0(logger, "--exit-interval %d: exiting at iteration %d", a.exit_interval, run.iteration)
+            _save_unless_saved(run)
             return
     first_save = start == 0 and not a.load  # iteration 0 of a fresh run is worth saving (a common start)
     if a.save and (run.iteration > start or first_save) and not (
@@ -308,9 +306,23 @@ def _loop(run: _Run, data, valid_sets: dict, writer, sigterm, forward_step_func)
         run.save()
 
 
+def _save_unless_saved(run: _Run) -> None:
+    """A checkpoint of this iteration before an early exit, unless --save-interval just wrote it."""
+    a = run.args
+    if not (a.save_interval and run.iteration % a.save_interval == 0):
+        run.save()
+
+
 def main(argv=None) -> list[dict]:
-    args = build_parser().parse_args(argv)
-    cfg = validate_args(args)  # before any process group starts
+    """Parse `argv` (Megatron-LM's flags) and train; returns the step records."""
+    return pretrain(build_parser().parse_args(argv))
+
+
+def pretrain(args, cfg=None) -> list[dict]:
+    """Train with parsed flags: validated before any process group starts (unless `cfg`, the result of
+    `validate_args(args)`, is given), printed once, then run."""
+    cfg = validate_args(args) if cfg is None else cfg
+    log_args(args)
     initialize_distributed()
     initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.virtual_pipeline_model_parallel_size, seed=args.seed)

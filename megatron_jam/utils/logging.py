@@ -13,10 +13,12 @@ _FORMAT = "[%(asctime)s rank %(rank)s] %(levelname)s %(name)s: %(message)s"
 
 
 def global_rank() -> int:
-    """The torch.distributed rank if initialised, else RANK from the environment, else 0."""
-    import torch.distributed as dist
+    """The torch.distributed rank if initialised, else RANK from the environment, else 0.
 
-    if dist.is_available() and dist.is_initialized():
+    torch.distributed is only asked when something imported it already (else it cannot be initialised):
+    importing it here would cost a torch import (seconds) to tools that never use torch."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 

@@ -38,7 +38,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers>=4.45", "faiss-cpu"],
+        "test": ["pytest", "hypothesis", "transformers>=4.45", "faiss-cpu", "ruff==0.17.6"],
         "retrieval": ["faiss-cpu", "transformers>=4.45"],
         "hf": ["transformers>=4.45"],
         # CUDA only; NGC PyTorch images already carry both.

@@ -60,7 +60,8 @@ def main() -> None:
         prefix = write_dataset(os.path.join(tmp, "bench"), docs, layout)
         if not dist.is_initialized():
             dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
-        train, _, _ = build_train_valid_test_datasets([prefix], "100,0,0", args.seq_length, 1, (args.samples, None, None),
+        train, _, _ = build_train_valid_test_datasets([prefix], "100,0,0", args.seq_length, 1,
+                                                      (args.samples, None, None),
                                                       cfg, data_cache_path=os.path.join(tmp, "cache"))
         t = time.perf_counter()
         for i in range(args.samples):

@@ -135,7 +135,8 @@ def main() -> None:
                       shape=vars(args) | {"workdir": None, "output": None, "write_parent": None})
         print(f"parents: {result['parents']}; largest on disk: {largest / 2**20:.0f} MB; "
               f"import-only baseline RSS {base / 2**20:.0f} MB")
-        print(f"{'method':8} {'peak RSS MB':>12} {'peak/parent':>12} {'(peak-base)/parent':>19} {'output MB':>10} {'s':>6}")
+        print(f"{'method':8} {'peak RSS MB':>12} {'peak/parent':>12} {'(peak-base)/parent':>19} "
+              f"{'output MB':>10} {'s':>6}")
         for r in rows:
             print(f"{r['method']:8} {r['peak_rss_mb']:12.0f} {r['ratio']:12.2f} {r['ratio_net_of_baseline']:19.2f} "
                   f"{r['output_mb']:10.0f} {r['seconds']:6.1f}")

@@ -21,7 +21,8 @@ def random_segments(rng, layout=LAYOUT, max_items=5, image_prob=0.4, max_text=40
     segments = []
     for _ in range(int(rng.integers(1, max_items + 1))):
         if rng.random() < image_prob:
-            segments.append((IMAGE, layout.image_offset + rng.integers(0, layout.codebook_size, layout.tokens_per_image)))
+            codes = rng.integers(0, layout.codebook_size, layout.tokens_per_image)
+            segments.append((IMAGE, layout.image_offset + codes))
         else:
             segments.append((TEXT, rng.integers(0, layout.text_vocab_size, int(rng.integers(1, max_text + 1)))))
     return segments

@@ -90,7 +90,6 @@ def _state(path):
 def _hf_from_folder(cls, path):
     """`cls.from_pretrained(path)`, without from_pretrained: with megatron_jam's CPU layer installed,
     transformers 5's from_pretrained leaves RoPE's inv_freq buffers uninitialised (see the report)."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     model = cls(AutoConfig.from_pretrained(path))

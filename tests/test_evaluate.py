@@ -3,7 +3,6 @@ at TP=1 and TP=2; plain text datasets count as text; the CLI writes JSON."""
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest

@@ -165,7 +165,8 @@ def test_evaluate_generation_scores_every_image_at_every_scale(single_rank, setu
     assert _eval_tool().main(argv) == 0
     rec = json.loads((tmp_path / "r.json").read_text())
     assert rec["scorer"] == "attributes" and len(rec["rows"]) == 3 * 2 * 3
-    assert rec["chance"]["joint_accuracy"] == pytest.approx(1 / (len(picture_world.COLOURS) * len(picture_world.SHAPES)))
+    joint_chance = 1 / (len(picture_world.COLOURS) * len(picture_world.SHAPES))
+    assert rec["chance"]["joint_accuracy"] == pytest.approx(joint_chance)
     assert set(rec["results"]) == {"1.0", "3.5"} and rec["results"]["1.0"]["n"] == 12
     for row in rec["rows"]:
         assert len(row["codes"]) == layout.tokens_per_image and os.path.exists(row["file"])

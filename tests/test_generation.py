@@ -149,7 +149,8 @@ def _check_document(ids, starts_image, budget):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), max_new=st.integers(1, 30), lens=st.lists(st.integers(1, 8), min_size=1, max_size=4),
+@given(seed=st.integers(0, 10_000), max_new=st.integers(1, 30),
+       lens=st.lists(st.integers(1, 8), min_size=1, max_size=4),
        cfg=st.sampled_from([1.0, 3.0]), image_first=st.booleans())
 def test_random_logits_always_give_well_formed_documents(seed, max_new, lens, cfg, image_first):
     g = torch.Generator().manual_seed(seed)

@@ -1,6 +1,7 @@
 """The trainer's optimizer step (`training/loop._optimizer_step`): one gradient-norm pass (prepare, norm, skip or
 clip, `step_with_ready_grads`) gives exactly what Megatron-Core's `opt.step()` gives: the same losses, gradient
-norms and parameters over 5 steps at DP=2 with clipping active, fp32 (the distributed optimizer has the same step methods; it needs a GPU)."""
+norms and parameters over 5 steps at DP=2 with clipping active, fp32 (the distributed optimizer has the same
+step methods; it needs a GPU)."""
 
 import math
 

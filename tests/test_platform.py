@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-import megatron_jam
 from megatron_jam import platform
 
 CPU_ONLY = not torch.cuda.is_available()

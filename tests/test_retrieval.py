@@ -83,8 +83,8 @@ def tiny_clip(tmp_path_factory):
     cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, max_position_embeddings=40, bos_token_id=0, eos_token_id=1,
                                       pad_token_id=1),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        image_size=32, patch_size=8), projection_dim=16)
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
     CLIPModel(cfg).save_pretrained(d)
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                                  crop_size={"height": 32, "width": 32}), tokenizer=tok)

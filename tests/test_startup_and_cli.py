@@ -112,7 +112,10 @@ for kind, target in targets:
     sys.argv = [target, "--help"]
     with contextlib.redirect_stdout(io.StringIO()) as out:
         try:
-            runpy.run_module(target, run_name="__main__") if kind == "module" else runpy.run_path(target, run_name="__main__")
+            if kind == "module":
+                runpy.run_module(target, run_name="__main__")
+            else:
+                runpy.run_path(target, run_name="__main__")
         except SystemExit:
             pass
     heavy = [m for m in ("torch", "megatron.core") if m in sys.modules]
@@ -121,7 +124,8 @@ for kind, target in targets:
 
 
 def test_help_of_every_command_imports_neither_torch_nor_megatron_core():
-    out = subprocess.run([sys.executable, "-c", HELP_PROBE, REPO], check=False, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE, REPO], check=False, capture_output=True, text=True,
+                         timeout=120)
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("HELP")]
     assert len(rows) >= 13, out.stderr[-2000:]
     assert all(r[2] == "True" for r in rows), rows
@@ -182,7 +186,8 @@ def test_inspection_reads_the_index_as_megatron_core_does(tmp_path):
     expected = split_segments(np.concatenate([t for t, _ in seqs]), [int(m) for _, m in seqs],
                               [len(t) for t, _ in seqs], layout)
     got = load_tool("inspect_dataset").document_segments(prefix, 2, layout)
-    plain = lambda segments: [tuple(np.asarray(x).tolist() for x in seg) for seg in segments]
+    def plain(segments):
+        return [tuple(np.asarray(x).tolist() for x in seg) for seg in segments]
     assert plain(got) == plain(expected) and len(got) > 1
 
 
@@ -308,7 +313,8 @@ PROGRESS = ("from megatron_jam.utils.progress import progress\n"
 
 def test_progress_is_log_lines_off_a_terminal_and_a_bar_on_one():
     env = dict(os.environ, MEGATRON_JAM_LOG_LEVEL="INFO")
-    out = subprocess.run([sys.executable, "-c", PROGRESS], check=False, capture_output=True, text=True, timeout=60, env=env)
+    out = subprocess.run([sys.executable, "-c", PROGRESS], check=False, capture_output=True, text=True, timeout=60,
+                         env=env)
     assert "\r" not in out.stderr and "docs: 40/40 (100%) doc" in out.stderr, out.stderr
     assert 2 <= out.stderr.count("docs:") <= 11
     import pty

@@ -4,7 +4,6 @@ configured codebook size, tokens per image and resolution, and its codes decode 
 size; the project's encoder picks exactly the codes training used; bad input is a one-line error (exit 2)."""
 
 import json
-import os
 import random
 import types
 

@@ -122,7 +122,7 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(pool2):
     assert status == "finished"
     skipped = [s for _, s, _ in steps]
     assert skipped == [0, 0, 1, 1, 1, 1]
-    assert math.isnan(steps[2][2]) and all(math.isfinite(l) for i, _, l in steps if i != 3)
+    assert math.isnan(steps[2][2]) and all(math.isfinite(loss) for i, _, loss in steps if i != 3)
 
 
 def test_skipped_count_survives_a_resume(pool2, tmp_path):

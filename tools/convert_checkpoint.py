@@ -2,7 +2,8 @@
 
     python tools/convert_checkpoint.py --method import  --load hf/llama-7b --save ckpt/llm
     python tools/convert_checkpoint.py --method uniform --llm hf/llm --img hf/cm3leon --save ckpt/uniform
-    python tools/convert_checkpoint.py --method width   --llm hf/llm --img hf/cm3leon --width-init average --save ckpt/width
+    python tools/convert_checkpoint.py --method width   --llm hf/llm --img hf/cm3leon --width-init average \
+        --save ckpt/width
     python tools/convert_checkpoint.py --method cross   --llm hf/llm --img hf/cm3leon --cross-every 2 \
         --vocab-layout shards/mix.vocab.json --save ckpt/cross
     python tools/convert_checkpoint.py --method export  --load ckpt/uniform --save hf/uniform

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from megatron_jam.convert.common import ConvertError

@@ -39,11 +39,14 @@ import hashlib
 import json
 import math
 import os
-from typing import List, Sequence
+from typing import TYPE_CHECKING, List, Sequence
 
 import numpy as np
 
 from megatron_jam.utils.logging import get_logger
+
+if TYPE_CHECKING:  # annotations only: PIL loads when an image does
+    from PIL import Image
 
 logger = get_logger(__name__)
 

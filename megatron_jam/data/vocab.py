@@ -56,9 +56,10 @@ contiguous scheme then; the layout records every role explicitly:
 
 ``megatron_jam.data.native_vocab.emu3_layout`` builds one from an Emu3
 tokenizer folder, ``megatron_jam.data.chameleon_vocab.chameleon_layout`` from a
-Chameleon / Anole / Lumina-mGPT model folder (``native_layout`` picks by format); ``megatron_jam.data.mixed_vocab.mixed_layout`` one whose text ids
-are another (LLM) tokenizer's, the image parent's image part re-indexed after them
-(``image_parent_rows``; JAM-Cross only). Version-1 (appended) files load and write exactly as before.
+Chameleon / Anole / Lumina-mGPT model folder (``native_layout`` picks by format);
+``megatron_jam.data.mixed_vocab.mixed_layout`` one whose text ids are another (LLM) tokenizer's, the image
+parent's image part re-indexed after them (``image_parent_rows``; JAM-Cross only). Version-1 (appended) files
+load and write exactly as before.
 """
 
 from __future__ import annotations

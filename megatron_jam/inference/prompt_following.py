@@ -66,7 +66,8 @@ class AttributeScorer:
 
         missing = [it.name for it in items if it.colour is None or it.shape is None]
         if missing:
-            raise ValueError(f"the attribute scorer needs 'colour' and 'shape' in every prompt; missing in {missing[0]}")
+            raise ValueError(f"the attribute scorer needs 'colour' and 'shape' in every prompt; "
+                             f"missing in {missing[0]}")
         self.read = picture_world.read_attributes
         self.chance = {"colour_accuracy": 1 / len(picture_world.COLOURS),
                        "shape_accuracy": 1 / len(picture_world.SHAPES),

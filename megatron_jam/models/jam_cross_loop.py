@@ -44,7 +44,7 @@ def cross_slots(cfg, llm_layers, cross_layers) -> dict[int, int]:
 
 
 class CrossLayerLoop:
-    """Walks the layers of one `JamCrossModel` stage (`model.llm`, `model.img`, `model.llm_cross`, `model.img_cross`)."""
+    """Walks the layers of one `JamCrossModel` stage (`model.llm`, `model.img`, and their cross blocks)."""
 
     def __init__(self, model):
         self.model = model
@@ -104,7 +104,8 @@ class CrossLayerLoop:
             from megatron.core.extensions.transformer_engine import te_checkpoint
 
             return te_checkpoint(fn, self.config.distribute_saved_activations,
-                                 tensor_parallel.random.get_cuda_rng_tracker, parallel_state.get_tensor_model_parallel_group(),
+                                 tensor_parallel.random.get_cuda_rng_tracker,
+                                 parallel_state.get_tensor_model_parallel_group(),
                                  h_llm, h_img)
         return tensor_parallel.checkpoint(fn, self.config.distribute_saved_activations, h_llm, h_img)
 

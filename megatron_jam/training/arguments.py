@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="*", default=None,
                    help="Megatron blend: PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (shards from "
                         "tools/preprocess_interleaved.py); without it, --mock-data")
-    g.add_argument("--mock-data", action="store_true", help="synthetic interleaved documents (the default without --data-path)")
+    g.add_argument("--mock-data", action="store_true",
+                   help="synthetic interleaved documents (the default without --data-path)")
     g.add_argument("--mock-data-samples", type=int, default=None,
                    help="cycle over this many mock samples (= global batch size: train on one fixed batch)")
     g.add_argument("--split", default="969,30,1", help="train,valid,test document fractions of each prefix")

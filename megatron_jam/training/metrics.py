@@ -154,7 +154,8 @@ def format_line(r: dict, train_iters: int) -> str:
     return (f" iteration {r['iteration']:6d}/{train_iters:6d} | consumed samples: {r['consumed_samples']:9d} | "
             f"elapsed time per iteration (ms): {r['iteration_time_ms']:.1f} | learning rate: {r['lr']:.3E} | "
             f"global batch size: {r['global_batch_size']:5d} | lm loss: {r['lm_loss']:.6E} | "
-            f"text loss: {format_modality_loss(r['text_loss'])} | image loss: {format_modality_loss(r['image_loss'])} | "
+            f"text loss: {format_modality_loss(r['text_loss'])} | "
+            f"image loss: {format_modality_loss(r['image_loss'])} | "
             f"grad norm: {r['grad_norm']:.3f} | "
             f"tokens/s: {r['tokens_per_sec']:.0f} | TFLOP/s/GPU: {r['tflops_per_gpu']:.3f} | "
             f"skipped iterations: {r['skipped_iterations']}")

@@ -79,14 +79,15 @@ echo "== [6/8] JAM-Cross continued pretraining ($TRAIN_ITERS steps, $NPROC proce
 echo "== [7/8] loss plot"
 "$PY" -m megatron_jam.training.plot "$OUT"
 echo "== [8/8] generation -> $OUT/generations"
-GEN=("$PY" tools/generate_interleaved.py --load "$OUT" --tokenizer-model "$W/spm.model"
-     --image-tokenizer "$WORK/vq" --cfg-scale 3.5 --image-top-p 0.9 --max-new-tokens 100 --no-progress-bar)
+# The run folder is self-contained (vocab_layout.json, tokenizer/, image_tokenizer/): --load is all it needs.
+GEN=("$PY" tools/generate_interleaved.py --load "$OUT" --cfg-scale 3.5 --image-top-p 0.9 --max-new-tokens 100
+     --no-progress-bar)
 "${GEN[@]}" --prompts-file examples/tiny/prompts.jsonl --output "$OUT/generations" >/dev/null
 cat <<MSG
 
 Done. Open $OUT/generations/index.html: documents written by the model, with its pictures decoded by
 the VQ tokenizer. $OUT also holds the checkpoint, model_config.json, metrics.jsonl and loss.png.
 Next: how well do its pictures follow the prompt, with and without guidance?
-  $PY tools/evaluate_generation.py --load $OUT --tokenizer-model $W/spm.model --image-tokenizer $WORK/vq \\
-      --prompts-file $W/prompts.jsonl --cfg-scale 1 2 3.5 5 --output $OUT/prompt_following.json
+  $PY tools/evaluate_generation.py --load $OUT --prompts-file $W/prompts.jsonl --cfg-scale 1 2 3.5 5 \\
+      --output $OUT/prompt_following.json
 MSG

@@ -76,3 +76,4 @@ def test_log_line_says_n_a_for_a_modality_without_tokens():
              skipped_iterations=0)
     line = format_line(r, 10)
     assert "text loss: 2.0000E+00 | image loss: n/a |" in line and "NAN" not in line.upper().replace("N/A", "")
+

@@ -291,8 +291,9 @@ def test_args_json_holds_the_effective_arguments(tiny_run):
     assert args["train_samples"] == 7 and args["train_iters"] == 4 and args["global_batch_size"] == 2
     assert args["num_layers"] == 2 and args["exit_interval"] == 3 and args["save"] == str(save)
     with open(save / "model_config.json") as f:
-        parent = json.load(f)["parent"]
-    assert (parent["num_layers"], parent["hidden_size"]) == (2, 32)
+        recorded = json.load(f)
+    assert (recorded["parent"]["num_layers"], recorded["parent"]["hidden_size"]) == (2, 32)
+    assert recorded["seq_length"] == 32, "the checkpoint records the length it trained at, not the config's"
 
 
 def test_exit_interval_stops_with_a_checkpoint(tiny_run):

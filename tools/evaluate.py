@@ -47,6 +47,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     validate_model_parallel(cfg, tp=tp, pp=pp)  # before any process group
     seq = args.seq_length or cfg.seq_length
+    if seq != cfg.seq_length:  # allowed (e.g. the paper's longer eval windows), but never silently
+        from megatron_jam.utils.logging import get_logger, log_rank0
+
+        log_rank0(get_logger("megatron_jam.tools.evaluate"), "evaluating with windows of --seq-length %d; %s "
+                  "records %d (the length it was trained or converted at)", seq, args.load, cfg.seq_length)
     check_data(args.data_path, args.load, cfg.vocab_size)  # before any process group or weight is touched
     initialize_distributed()
     if dist.get_world_size() % (tp * pp):

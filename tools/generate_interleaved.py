@@ -155,6 +155,11 @@ def setup(args):
     context = args.context_length or min(cfg.seq_length, max_positions(cfg))
     if context > max_positions(cfg):
         raise ValueError(f"--context-length {context} > the model's position table ({max_positions(cfg)} rows)")
+    if args.context_length and context > cfg.seq_length:  # allowed, never silent: positions it never trained on
+        from megatron_jam.utils.logging import get_logger, log_rank0
+
+        log_rank0(get_logger("megatron_jam.tools.generate_interleaved"), "--context-length %d is longer than the "
+                  "%d tokens %s records as its training length", context, cfg.seq_length, args.load)
     retrieve_contexts(args, items, sp, layout, context)
     for it in items:
         layout.check_ids(it["ids"], it["name"])

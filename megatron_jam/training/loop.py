@@ -14,6 +14,7 @@ Data (`training/data.py`): Megatron indexed shards with the CM3 objective, or
 resumed run reads exactly what the uninterrupted run would have read.
 """
 
+import dataclasses
 import math
 import os
 import time
@@ -138,8 +139,13 @@ class _Run:
     def save(self) -> None:
         if self.args.save:
             save_checkpoint(self.args.save, self.iteration, self.consumed, self.chunks, self.opt, self.sched,
-                            model_config=self.cfg.to_dict(), args=vars(self.args), async_queue=self.async_queue,
+                            model_config=self.trained_config(), args=vars(self.args), async_queue=self.async_queue,
                             skipped_iterations=self.skipped_total)
+
+    def trained_config(self) -> dict:
+        """The model config with the sequence length this run trains at (what evaluation and generation
+        should use), not the one the checkpoint was converted with."""
+        return dataclasses.replace(self.cfg, seq_length=self.args.seq_length).to_dict()
 
     def finalize_saves(self, blocking: bool) -> None:
         """Publish finished background saves (all of them when `blocking`)."""

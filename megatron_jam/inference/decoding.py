@@ -267,7 +267,7 @@ class InterleavedGenerator:
 def _tp_broadcast(tokens: torch.Tensor) -> torch.Tensor:
     """Every tensor-parallel rank takes the first rank's ids (they agree already; this makes it certain)."""
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        from megatron_jam.training.metrics import comm_device
+        from megatron_jam.parallel.state import comm_device
 
         on_comm = tokens.to(comm_device())  # NCCL broadcasts GPU tensors only
         dist.broadcast(on_comm, src=parallel_state.get_tensor_model_parallel_src_rank(),

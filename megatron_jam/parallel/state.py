@@ -20,6 +20,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from megatron_jam.parallel.model import unwrap
 
 
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: the current GPU under NCCL, else the CPU (gloo). Here, below
+    training/, inference/ and evaluation, which all reduce or broadcast."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _local_shards(model_chunks: list, main_only: bool) -> list[ShardedTensor]:
     shards = []
     for chunk in model_chunks:

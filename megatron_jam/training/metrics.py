@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_jam.parallel.state import comm_device
 from megatron_jam.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -43,13 +44,6 @@ def any_rank_true(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-def comm_device() -> torch.device:
-    """Where tensors for collectives live: the current GPU under NCCL, else the CPU (gloo)."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def is_logging_rank() -> bool:

@@ -38,8 +38,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers>=4.45", "faiss-cpu", "ruff==0.17.6"],
+        "test": ["pytest", "hypothesis", "transformers>=4.45", "faiss-cpu", "ruff==0.17.6", "lm-eval==0.4.13"],
         "retrieval": ["faiss-cpu", "transformers>=4.45"],
+        # zero-shot benchmarks (docs/evaluation.md); pulls datasets, pandas, pyarrow, scipy, scikit-learn (~600 MB)
+        "eval": ["lm-eval==0.4.13"],
         "hf": ["transformers>=4.45"],
         # CUDA only; NGC PyTorch images already carry both.
         "te": ["transformer-engine[pytorch]"],

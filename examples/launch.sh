@@ -26,10 +26,14 @@ launch() {
 PAPER_PRETRAIN=(--seq-length 4096 --global-batch-size 2048 --micro-batch-size 1 --lr 3e-5 --min-lr 3e-6
                 --lr-warmup-iters 500 --lr-decay-style cosine --train-iters 5960 --weight-decay 0.1
                 --clip-grad 1.0 --log-interval 10 --save-interval 500 --eval-interval 500 --eval-iters 20)
-# Instruction tuning (section 3.1): lr 1e-5, 300 warm-up steps, 1M-token batches, no CM3.
+# Instruction tuning (sections 2.2, 3.1): lr 1e-5, 300 warm-up steps, 1M-token batches, the CM3 objective as
+# in every experiment of the paper, 15 epochs with a validation and a checkpoint after each (the lowest average
+# validation perplexity named in <save>/best_checkpointed_iteration.txt; the paper kept the 9th epoch by hand).
+# Instruction prefixes train one whole document per sample (--whole-documents auto), responses only
+# (--prompt-loss to train on prompts too: the paper does not say).
 PAPER_INSTRUCT=(--seq-length 4096 --global-batch-size 256 --micro-batch-size 1 --lr 1e-5 --min-lr 1e-6
                 --lr-warmup-iters 300 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
-                --no-cm3 --finetune --log-interval 10 --save-interval 200)
+                --train-epochs "${EPOCHS:-15}" --finetune --log-interval 10)
 # Retrieval augmentation (section 3.1: CLIP + MIPS, near duplicates skipped, 20% query dropout) where the
 # paper trains with it: the image-text (Shutterstock-like) data of both phases. Up to RETRIEVAL_K (3, as
 # CM3leon) retrieved documents go before each of its samples, so every image-text --data-path prefix needs

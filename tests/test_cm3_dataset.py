@@ -128,7 +128,8 @@ def test_instruction_loss_mask(tmp_path, single_rank):
         prompt = labels < PROMPT_IDS[1]
         assert not mask[prompt].any(), "a prompt token carries loss"
         assert (mask[(labels >= RESPONSE_IDS[0]) & (labels < RESPONSE_IDS[1])] == 1).all()
-        assert (mask[labels == L.eos_id] == 1).all()  # <eos> belongs to the last turn (a response)
+        eos = np.flatnonzero(labels == L.eos_id)  # one document per sample (instruction data), then padding
+        assert eos.size == 0 or (mask[eos[0]] == 1 and not mask[eos[1:]].any())  # its <eos> is a response's
         seen += int(prompt.sum())
     assert seen > 1000
 
@@ -265,8 +266,10 @@ def test_the_trainer_builds_only_the_splits_it_reads(tiny40, tmp_path, single_ra
     with _Deadline(30):
         train, valid_sets = sources()  # default split, no --eval-interval
         assert len(train.dataset) >= 4 and valid_sets == {}
-        train, valid_sets = sources("--eval-interval", "1")
+        train, valid_sets = sources("--eval-interval", "1", "--cm3-validation")
         assert set(valid_sets) == {"valid"} and len(valid_sets["valid"].dataset) == 3 * 2 * 2
+        train, valid_sets = sources("--eval-interval", "1")  # per document (the default): no samples built
+        assert valid_sets["valid"].sources == [(tiny40, range(39, 40))]  # Megatron's valid split of 969,30,1
         train, valid_sets = sources("--split", "990,10,0")  # no evaluation: the empty valid split is fine
         assert valid_sets == {}
         with pytest.raises(ConfigError, match="split 990,10,0 gives 0 validation documents out of 40"):

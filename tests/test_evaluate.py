@@ -1,5 +1,5 @@
-"""tools/evaluate.py: per-modality perplexity equals an independent computation with transformers,
-at TP=1 and TP=2; plain text datasets count as text; the CLI writes JSON."""
+"""tools/evaluate.py: per-modality perplexity equals an independent computation with transformers
+(per document, strided windows), at TP=1 and TP=2; plain text datasets count as text; the CLI writes JSON."""
 
 import json
 import math
@@ -36,18 +36,29 @@ def _docs(seed=0):
     return [[text(7), image(8), text(3)], [text(10)], [image(8), text(5)]]
 
 
-def _expected(model, docs, seq=SEQ):
-    """Independent: flatten, windows of seq+1 overlapping by one, HF log-softmax."""
-    toks = [t for d in docs for _, ids in d for t in ids]
-    img = [m == 1 for d in docs for m, ids in d for _ in ids]
+def _expected(model, docs, seq=SEQ, stride=None):
+    """Independent: Hugging Face's strided perplexity recipe document by document (windows of seq + 1
+    tokens starting every `stride`, default seq // 2; each window's labels are -100 but its last
+    end - prev_end tokens), HF log-softmax, sums per modality of the label."""
+    stride = stride or max(1, seq // 2)
     sums = {"text": [0.0, 0], "image": [0.0, 0]}
-    for start in range(0, len(toks) - 1, seq):
-        w = toks[start: start + seq + 1]
-        logp = torch.log_softmax(_hf_logits(model, torch.tensor([w[:-1]]))[0].double(), -1)
-        for j in range(len(w) - 1):
-            kind = "image" if img[start + j + 1] else "text"
-            sums[kind][0] -= logp[j, w[j + 1]].item()
-            sums[kind][1] += 1
+    for d in docs:
+        toks = [t for _, ids in d for t in ids]
+        img = [m == 1 for m, ids in d for _ in ids]
+        prev_end = 0
+        for begin in range(0, len(toks), stride):
+            end = min(begin + seq + 1, len(toks))
+            trg_len = end - prev_end
+            w = toks[begin:end]
+            if len(w) > 1:
+                logp = torch.log_softmax(_hf_logits(model, torch.tensor([w[:-1]]))[0].double(), -1)
+                for j in range(max(1, len(w) - trg_len), len(w)):  # label j, predicted at j - 1
+                    kind = "image" if img[begin + j] else "text"
+                    sums[kind][0] -= logp[j - 1, w[j]].item()
+                    sums[kind][1] += 1
+            prev_end = end
+            if end == len(toks):
+                break
     tot = (sums["text"][0] + sums["image"][0], sums["text"][1] + sums["image"][1])
     return {"all": math.exp(tot[0] / tot[1]), **{k: math.exp(v[0] / v[1]) for k, v in sums.items() if v[1]}}
 
@@ -83,7 +94,8 @@ def test_perplexity_matches_transformers(single_rank, setup):
     for k in ("all", "text", "image"):
         assert got["ppl"][k] == pytest.approx(want[k], rel=1e-5), k
     n = sum(len(ids) for d in docs for _, ids in d)
-    assert got["tokens"]["all"] == n - 1 and got["tokens"]["image"] == 16  # the first token is text
+    assert got["tokens"]["all"] == n - len(docs)  # every token once but each document's first
+    assert got["tokens"]["image"] == 15  # the second document's leading image token is its first: no target
 
 
 def _eval_tp2(root):

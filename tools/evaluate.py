@@ -6,7 +6,9 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
 
 Reads the architecture from the checkpoint's model_config.json (JAM-Cross or a
-single stack). Prints the result as JSON and writes it to --output. See tools/README.md.
+single stack). Every document is scored on its own, a long one in strided windows
+(--eval-stride, default seq-length // 2; megatron_jam/evaluation.py). Prints the
+result as JSON and writes it to --output. See tools/README.md.
 """
 
 import argparse
@@ -26,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", required=True, help="Megatron indexed dataset prefix (PREFIX.bin/.idx)")
     p.add_argument("--seq-length", type=int, default=None, help="window length (default: the model config's)")
     p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--eval-stride", type=int, default=None,
+                   help="a document longer than the window is scored in windows starting every this many tokens, "
+                        "each token once with as much left context as fits (default: seq-length // 2)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -38,7 +43,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     from megatron_jam.convert.checkpoint import load_checkpoint
-    from megatron_jam.evaluation import check_data, perplexity
+    from megatron_jam.evaluation import check_data, default_stride, perplexity
     from megatron_jam.models.kinds import load_model_config, model_class, validate_model_parallel
     from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
     from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
@@ -47,6 +52,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     validate_model_parallel(cfg, tp=tp, pp=pp)  # before any process group
     seq = args.seq_length or cfg.seq_length
+    default_stride(seq, args.eval_stride)  # a bad stride: one line before anything is loaded
     if seq != cfg.seq_length:  # allowed (e.g. the paper's longer eval windows), but never silently
         from megatron_jam.utils.logging import get_logger, log_rank0
 
@@ -60,7 +66,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     chunks = build_model_chunks(model_class(cfg), cfg, parallel_kwargs(tp, pp, perform_initialization=False),
                                 wrap_ddp=False)
     load_checkpoint(chunks, args.load, args.ckpt_step)
-    result = perplexity(chunks, cfg.vocab_size, args.data_path, seq, args.micro_batch_size, args.max_windows)
+    result = perplexity(chunks, cfg.vocab_size, args.data_path, seq, args.micro_batch_size, args.max_windows,
+                        args.eval_stride)
     return {"load": args.load, "data_path": args.data_path, "seq_length": seq,
             "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp} | result
 

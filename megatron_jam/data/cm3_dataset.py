@@ -11,11 +11,14 @@ sequences are contiguous in the .bin) as one Megatron "sequence", so Megatron
 shuffles and packs documents, and train/valid/test splits fall on document
 boundaries.
 
-Two sample layouts, chosen per prefix:
+Three sample layouts, chosen per prefix (:mod:`megatron_jam.data.sample_layouts`):
 
-- packed (default): Megatron's packing; sample i is a window of
-  `seq_length + 1` tokens of the shuffled document stream (it may start or end
-  inside a document or an image);
+- packed (default for pretraining data): Megatron's packing; sample i is a
+  window of `seq_length + 1` tokens of the shuffled document stream (it may
+  start or end inside a document or an image);
+- document (default for instruction data, `JamDatasetConfig.whole_documents`):
+  one whole document per sample, cut at the end to `seq_length + 1` tokens,
+  then padding (loss 0), so a response is never seen without its prompt;
 - retrieval (when `JamDatasetConfig.retrieval` is set and the prefix has a
   `PREFIX.neighbors.npy` from `tools/retrieve.py`): one query document per
   sample, laid out as ``[nb_1 ... nb_j, query]`` — up to k retrieved bank
@@ -55,12 +58,12 @@ from megatron_jam.data.cm3 import CM3Config, cm3_transform
 from megatron_jam.data.instruct import load_sequence_loss
 from megatron_jam.data.integrity import check_dataset_files
 from megatron_jam.data.retrieval import RetrievalConfig, load_neighbors
+from megatron_jam.data.sample_layouts import DOCUMENT, PACKED, RETRIEVAL, log_truncated, sample_layout
 from megatron_jam.data.vocab import VocabLayout, load_layout
 from megatron_jam.models.config import ConfigError
 from megatron_jam.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)
-PACKED, RETRIEVAL = "packed", "retrieval"
 
 
 class LayoutTokenizer:
@@ -83,6 +86,10 @@ class JamDatasetConfig(GPTDatasetConfig):
     """The CM3 objective; None or `enabled=False` = plain causal LM."""
     retrieval: Optional[RetrievalConfig] = None
     """Prepend retrieved documents (prefixes with a neighbours file); None = off."""
+    whole_documents: str = "auto"
+    """One document per sample: "auto" (instruction prefixes), "always" or "never" (sample_layouts)."""
+    prompt_loss: bool = False
+    """Train on the prompt tokens of instruction data too (ignore PREFIX.loss_mask.npy's zeros)."""
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -133,6 +140,8 @@ class JamDocuments(DocumentReader):
     def __init__(self, prefix: str, config: JamDatasetConfig) -> None:
         super().__init__(prefix, config.layout, config.mmap_bin_files)
         self.loss_flags = load_sequence_loss(prefix, int(self.seq_lengths.size))
+        if config.prompt_loss:
+            self.loss_flags = None  # every token trains; the file still marks the prefix as instruction data
         self.neighbors, self.bank = None, None
         found = load_neighbors(prefix, self.num_documents) if config.retrieval is not None else None
         if found is not None:
@@ -141,11 +150,13 @@ class JamDocuments(DocumentReader):
             same = os.path.realpath(bank + ".idx") == os.path.realpath(prefix + ".idx")
             self.bank = self if same else DocumentReader(bank, config.layout, config.mmap_bin_files)
         elif config.retrieval is not None:
-            log_rank0(logger, "%s has no neighbours file: packed samples, no retrieval", prefix)
-        self.packing = RETRIEVAL if self.neighbors is not None else PACKED
+            log_rank0(logger, "%s has no neighbours file: no retrieval", prefix)
+        self.packing = RETRIEVAL if self.neighbors is not None else sample_layout(prefix, config.whole_documents)
         # Megatron packs by these lengths: real lengths, or exactly one sample per document.
         self.sequence_lengths = (self.doc_lengths if self.packing == PACKED
                                  else np.full(self.num_documents, config.sequence_length, dtype=np.int32))
+        if self.packing != PACKED:
+            log_truncated(prefix, self.doc_lengths, config.sequence_length)
 
     def weights(self, doc: int, offset: int, length: int) -> np.ndarray:
         """Loss weights of tokens [offset, offset + length) of `doc` (1, or 0 on prompt sequences)."""
@@ -203,7 +214,15 @@ class JamDataset(GPTDataset):
         """Tokens (at most seq_length + 1) and loss weights of sample `idx` before CM3."""
         if self.dataset.packing == RETRIEVAL:
             return self._retrieval_sample(idx, rng)
+        if self.dataset.packing == DOCUMENT:
+            return self._document_sample(idx)
         return self._packed_sample(idx)
+
+    def _document_sample(self, idx: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Document `idx` of the shuffled order, from its first token, cut at the end (sample_layouts)."""
+        doc = int(self.document_index[int(self.sample_index[int(self.shuffle_index[idx])][0])])
+        length = min(int(self.dataset.doc_lengths[doc]), self.config.sequence_length + 1)
+        return self.dataset.tokens(doc, 0, length), self.dataset.weights(doc, 0, length)
 
     def _packed_sample(self, idx: int) -> Tuple[np.ndarray, np.ndarray]:
         i = int(self.shuffle_index[idx])
@@ -304,7 +323,8 @@ def default_is_built_on_rank() -> bool:
 def build_train_valid_test_datasets(
     data_path_blend: Sequence[str], split: str, seq_length: int, seed: int,
     num_samples: Tuple[Optional[int], Optional[int], Optional[int]], cm3: Optional[CM3Config], *,
-    retrieval: Optional[RetrievalConfig] = None, data_cache_path: Optional[str] = None,
+    retrieval: Optional[RetrievalConfig] = None, whole_documents: str = "auto", prompt_loss: bool = False,
+    data_cache_path: Optional[str] = None,
     layout: Optional[VocabLayout] = None, is_built_on_rank: Optional[Callable[[], bool]] = None,
     num_dataset_builder_threads: int = 1, mid_level_dataset_surplus: float = 0.005,
     mmap_bin_files: bool = True,
@@ -321,6 +341,8 @@ def build_train_valid_test_datasets(
             samples are wanted raises `ConfigError` naming the prefix, the split and the counts.
         cm3: the CM3 objective, or None for plain causal LM.
         retrieval: prepend retrieved documents (prefixes with `PREFIX.neighbors.npy`).
+        whole_documents: one document per sample for "auto" (instruction prefixes), "always" or "never".
+        prompt_loss: train on instruction prompts too (default: responses only, PREFIX.loss_mask.npy).
         data_cache_path: Megatron's `--data-cache-path` for the index cache; default
             `PREFIX/cache/JamDataset_indices` next to each dataset.
         layout: expected vocabulary layout; default the first prefix's (all must match).
@@ -336,7 +358,8 @@ def build_train_valid_test_datasets(
         load_layout(prefix, expected=layout)
     config = JamDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=blend, split=split, path_to_cache=data_cache_path,
-        layout=layout, cm3=cm3, retrieval=retrieval, num_dataset_builder_threads=num_dataset_builder_threads,
+        layout=layout, cm3=cm3, retrieval=retrieval, whole_documents=whole_documents, prompt_loss=prompt_loss,
+        num_dataset_builder_threads=num_dataset_builder_threads,
         mid_level_dataset_surplus=mid_level_dataset_surplus, mmap_bin_files=mmap_bin_files)
     builder = BlendedMegatronDatasetBuilder(JamDataset, list(num_samples), is_built_on_rank or default_is_built_on_rank,
                                             config)

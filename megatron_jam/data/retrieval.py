@@ -250,7 +250,7 @@ def needs_neighbors(prefix: str) -> bool:
     Why this rule (paper section 3.1 and 2.2): the retrieval is multimodal (RA-CM3) and the paper
     retrieves for the image-text (Shutterstock) data in both phases; its text corpora and its
     instruction data are not said to be retrieval-augmented. So a prefix with no image sequence
-    (text-only) or with an instruction loss mask (`PREFIX.loss_mask.npy`) is trained packed.
+    (text-only) or with an instruction loss mask (`PREFIX.loss_mask.npy`) is trained without retrieval.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

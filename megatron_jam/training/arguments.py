@@ -28,6 +28,11 @@ DESCRIPTION = ("JAM continued pretraining: JAM-Cross, JAM-Width, JAM-Uniform or 
                "--model-config / --load (Megatron-LM's flag names; exit code 2 with one line on a bad flag)")
 
 DEFAULT_TRAIN_ITERS = 20
+DEFAULT_LR = 3e-4
+DEFAULT_WARMUP_ITERS = 2
+# The three defaults above are tiny-run values (examples/tiny); the paper's
+# hyper-parameters live in examples/launch.sh (PAPER_PRETRAIN, PAPER_INSTRUCT), and a run that leaves any
+# of lr / warm-up / iterations at its default says so in one log line (`_note_tiny_defaults`).
 
 ARGS_FILE = "args.json"
 
@@ -69,9 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-samples", type=int, default=None,
                    help="train on this many samples instead: iterations = ceil(samples / global batch size), "
                         "as Megatron-LM (excludes --train-iters)")
+    g.add_argument("--train-epochs", type=int, default=None,
+                   help="train this many passes over the --data-path training split instead, with a validation "
+                        "and a checkpoint after each and the best one named in <save>/best_checkpointed_iteration"
+                        ".txt (megatron_jam/training/epochs.py; excludes --train-iters and --train-samples)")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="exit when the iteration is a multiple of N (with a checkpoint if --save), as Megatron-LM")
-    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate, a tiny-run default: the paper recipes of examples/launch.sh pass the "
+                        f"paper's (default: {DEFAULT_LR})")
     g.add_argument("--min-lr", type=float, default=3e-5)
     g.add_argument("--lr-warmup-iters", type=int, default=None,
                    help="default: 2, shortened (with a log line) when --lr-decay-iters leaves no room for it")
@@ -97,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (with a checkpoint) after this many non-finite steps in a row")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint directory (also holds metrics.jsonl)")
-    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="checkpoint every N iterations (default: only at the end, with --save)")
     g.add_argument("--load", default=None, help="resume from the latest complete checkpoint in this directory")
     g.add_argument("--ckpt-step", type=int, default=None,
                    help="load this iteration (iter_NNNNNNN) instead of the latest, as Megatron-LM")
@@ -124,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="background processes building the next steps' micro-batches (Megatron-LM's flag; 2 on "
                         "GPU machines through examples/launch.sh); 0: built on the training thread")
     g.add_argument("--no-cm3", action="store_true", help="plain causal LM instead of the CM3 objective")
+    g.add_argument("--whole-documents", choices=["auto", "always", "never"], default="auto",
+                   help="one whole document per sample (cut at --seq-length + 1 tokens, padded), never a window "
+                        "across documents: auto = instruction prefixes (with PREFIX.loss_mask.npy), so a response is "
+                        "never seen without its prompt; always = every prefix; never = every prefix packed")
+    g.add_argument("--prompt-loss", action="store_true",
+                   help="train on the prompt tokens of instruction data too (default: responses only, as "
+                        "PREFIX.loss_mask.npy says; the paper does not say which)")
     g.add_argument("--cm3-lambda", type=float, default=1.0, help="Poisson mean of masked spans per sample")
     g.add_argument("--cm3-caption-mask-prob", type=float, default=0.1,
                    help="probability that an image's caption is masked whole (a CM3 span): teaches the "
@@ -135,8 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retrieval-optional", nargs="*", default=[], metavar="PREFIX",
                    help="image-text prefixes that may lack neighbours (trained packed, without retrieval)")
     g.add_argument("--log-interval", type=int, default=1)
-    g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=2)
+    g.add_argument("--eval-interval", type=int, default=None, help="validate every N iterations (default: never)")
+    g.add_argument("--eval-iters", type=int, default=2,
+                   help="per validation set: at most eval-iters x global-batch-size windows (default: 2)")
+    g.add_argument("--eval-stride", type=int, default=None,
+                   help="validation scores each document on its own, a long one in windows starting every this "
+                        "many tokens, as tools/evaluate.py (default: seq-length // 2)")
+    g.add_argument("--cm3-validation", action="store_true",
+                   help="validate on CM3-transformed packed samples (the training objective) instead of per "
+                        "document without CM3 (the numbers of tools/evaluate.py)")
     g.add_argument("--metrics-file", default=None, help="JSON lines per logged step (default: <save>/metrics.jsonl)")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--wandb-project", default=None)
@@ -159,7 +185,8 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
     Not `ArgumentDefaultsHelpFormatter`: it skips flags without a help text and repeats written defaults."""
     for action in p._actions:
         said = action.help and "default" in action.help
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and not said:
+        off = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not off and not said:  # `is`: a default of 0 is shown, False is not
             action.help = f"{action.help or ''} (default: %(default)s)".strip()
 
 
@@ -206,8 +233,11 @@ def validate_args(args: argparse.Namespace):
         raise ConfigError(f"--global-batch-size={args.global_batch_size} is not divisible by "
                           f"--micro-batch-size={args.micro_batch_size} x data-parallel size={dp}")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    _note_tiny_defaults(args)
     _resolve_train_iters(args)
     _resolve_schedule(args)
+    if args.eval_stride is not None and not 1 <= args.eval_stride <= args.seq_length:
+        raise ConfigError(f"--eval-stride {args.eval_stride} must be between 1 and --seq-length {args.seq_length}")
     if args.save:
         args.exit_signal_handler = True
     import torch
@@ -269,9 +299,28 @@ def _apply_shape_flags(args: argparse.Namespace, cfg):
         raise ConfigError(f"{flags}: {e}") from None
 
 
+def _note_tiny_defaults(args: argparse.Namespace) -> None:
+    """--lr default; and one log line naming the tiny-run defaults a run did not override (lr, warm-up,
+    iterations), so a direct `python -m megatron_jam.pretrain` never trains with them silently."""
+    defaults = {"--lr": (args.lr, DEFAULT_LR), "--lr-warmup-iters": (args.lr_warmup_iters, DEFAULT_WARMUP_ITERS),
+                "--train-iters": (args.train_iters if args.train_samples is None and getattr(args, "train_epochs", None)
+                                  is None else 0, DEFAULT_TRAIN_ITERS)}
+    unset = [f"{flag} {default}" for flag, (value, default) in defaults.items() if value is None]
+    if unset:
+        log_rank0(logger, "tiny-run defaults in use: %s (not given); the paper's values are in examples/launch.sh "
+                  "PAPER_PRETRAIN / PAPER_INSTRUCT", ", ".join(unset))
+    if args.lr is None:
+        args.lr = DEFAULT_LR
+
+
 def _resolve_train_iters(args: argparse.Namespace) -> None:
-    """--train-iters, or from --train-samples (Megatron-LM: ceil(samples / global batch size))."""
-    if args.train_samples is not None:
+    """--train-iters, or from --train-samples (Megatron-LM: ceil(samples / global batch size)), or from
+    --train-epochs (megatron_jam/training/epochs.py)."""
+    if getattr(args, "train_epochs", None) is not None:
+        from megatron_jam.training.epochs import resolve_train_epochs
+
+        resolve_train_epochs(args)
+    elif args.train_samples is not None:
         if args.train_iters is not None:
             raise ConfigError("--train-iters and --train-samples exclude each other (give one)")
         if args.train_samples < 1:
@@ -301,8 +350,6 @@ def save_args(args: argparse.Namespace) -> None:
     if args.save and global_rank() == 0:
         with open(os.path.join(args.save, ARGS_FILE), "w") as f:
             json.dump(vars(args), f, indent=2, sort_keys=True, default=str)
-
-DEFAULT_WARMUP_ITERS = 2
 
 
 def _resolve_schedule(args: argparse.Namespace) -> None:

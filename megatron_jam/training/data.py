@@ -8,7 +8,9 @@ count saved in a checkpoint is the whole data position. Shards go through
 blend syntax, splits, on-disk index cache, CM3 objective, retrieval).
 Validation sets: the blend's own valid split, plus any named
 `--valid-data-path NAME=PREFIX` sets (for example `text=wiki image=coco`),
-each reported separately.
+each reported separately, scored per document without CM3 as
+tools/evaluate.py scores them (`megatron_jam.evaluation.DocumentValidation`),
+or with `--cm3-validation` as CM3 samples of the training objective.
 """
 
 import os
@@ -57,6 +59,12 @@ def _retrieval(args):
     from megatron_jam.data.retrieval import RetrievalConfig
 
     return RetrievalConfig(k=args.retrieval_k)
+
+
+def _sample_options(args) -> dict:
+    """How documents become samples (whole documents for instruction data) and which tokens train."""
+    return {"whole_documents": getattr(args, "whole_documents", "auto"),
+            "prompt_loss": bool(getattr(args, "prompt_loss", False))}
 
 
 def _check_neighbors(args, blend) -> None:
@@ -136,9 +144,51 @@ def _named_valid_sets(args, cfg, n_valid: int) -> dict:
             name, prefix = entry.rsplit("/", 1)[-1], entry
         _, valid, _ = build_train_valid_test_datasets(
             [prefix], "0,100,0", args.seq_length, args.seed, (None, n_valid, None), _cm3(args),
-            retrieval=_retrieval(args), data_cache_path=args.data_cache_path, is_built_on_rank=_every_rank)
+            retrieval=_retrieval(args), **_sample_options(args), data_cache_path=args.data_cache_path,
+            is_built_on_rank=_every_rank)
         out[name] = DatasetSource(valid, name)
     return out
+
+
+def _valid_documents(args, prefix: str) -> range:
+    """The documents of `prefix` in the blend's validation split, as Megatron's builder cuts them; a
+    ConfigError when there are none (the builder's rule for a split from which samples are wanted)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                        parse_and_normalize_split)
+
+    from megatron_jam.data.indexed_builder import read_index_header
+
+    from megatron_jam.data.cm3_dataset import split_document_counts
+
+    n = int(read_index_header(prefix + ".idx")["document_count"]) - 1
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split))
+    bounds = matrix[1]
+    docs = range(int(round(bounds[0] * n)), int(round(bounds[1] * n))) if bounds else range(0)
+    if not docs:
+        have = ", ".join(f"{k} {c}" for k, c in zip(("train", "validation", "test"), split_document_counts(matrix, n)))
+        raise ConfigError(f"{prefix}: split {args.split} gives 0 validation documents out of {n} ({have}); use a "
+                          "larger corpus or a split that leaves the validation set at least one document "
+                          "(e.g. --split 90,10,0)")
+    return docs
+
+
+def _document_valid_sets(args, cfg) -> dict:
+    """The validation sets scored per document (the default): the blend's split, then the named sets."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    from megatron_jam.evaluation import DocumentValidation
+
+    def make(name, sources):
+        return DocumentValidation(name, sources, cfg.vocab_size, args.seq_length,
+                                  args.eval_iters * args.global_batch_size, getattr(args, "eval_stride", None))
+
+    blend = list(get_blend_from_list(list(args.data_path))[0])
+    sets = {"valid": make("valid", [(p, _valid_documents(args, p)) for p in blend])}
+    for entry in args.valid_data_path or []:
+        name, sep, prefix = entry.partition("=")
+        name, prefix = (name, prefix) if sep else (entry.rsplit("/", 1)[-1], entry)
+        sets[name] = make(name, [(prefix, None)])
+    return sets
 
 
 def build_data_sources(args, cfg, checkpoint_dir: str | None = None) -> tuple[object, dict]:
@@ -156,15 +206,20 @@ def build_data_sources(args, cfg, checkpoint_dir: str | None = None) -> tuple[ob
     from megatron_jam.data.cm3_dataset import build_train_valid_test_datasets
 
     _record_layout(args, check_data(args, cfg, checkpoint_dir))
+    per_document = evaluates and not getattr(args, "cm3_validation", False)
+    n_valid = 0 if per_document else n_valid  # per-document validation reads the documents, not samples
     # Samples only from the splits the run reads: no test set, no validation set without --eval-interval
     # (0 = an empty set, so a tiny corpus whose split rounds them to 0 documents still trains).
     train, valid, _ = build_train_valid_test_datasets(
         args.data_path, args.split, args.seq_length, args.seed, (n_train, n_valid, 0), _cm3(args),
-        retrieval=_retrieval(args), data_cache_path=args.data_cache_path, is_built_on_rank=_every_rank)
+        retrieval=_retrieval(args), **_sample_options(args), data_cache_path=args.data_cache_path,
+        is_built_on_rank=_every_rank)
     if not evaluates:
         if args.valid_data_path:
             log_rank0(logger, "no --eval-interval (or --eval-iters 0): the validation sets are not built")
         return DatasetSource(train, "train"), {}
+    if per_document:
+        return DatasetSource(train, "train"), _document_valid_sets(args, cfg)
     sets = {} if valid is None else {"valid": DatasetSource(valid, "valid")}
     sets.update(_named_valid_sets(args, cfg, n_valid))
     return DatasetSource(train, "train"), sets

@@ -33,6 +33,7 @@ from megatron_jam.parallel.initialize import initialize_distributed, initialize_
 from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 from megatron_jam.parallel.schedule import forward_backward, lm_forward_step
 from megatron_jam.training.arguments import build_parser, log_args, save_args, validate_args
+from megatron_jam.training.best_checkpoint import BestCheckpoint
 from megatron_jam.training.checkpointing import load_checkpoint, read_latest, save_checkpoint
 from megatron_jam.training.metrics import (MetricsWriter, any_rank_true, format_line, format_modality_loss,
                                             reduce_step_losses)
@@ -98,19 +99,30 @@ def _optimizer_step(opt, loss_is_finite: bool) -> tuple[float, bool]:
     return grad_norm, bool(opt.step_with_ready_grads())
 
 
+def _sample_validation(chunks, args, data, iteration: int) -> dict:
+    """Mean losses over `--eval-iters` global batches of a sample source (CM3 samples, mock data), new
+    samples at each evaluation as Megatron-LM."""
+    start = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
+    if getattr(args, "epoch_iters", None):
+        start = 0  # --train-epochs: the same samples every epoch, so the best checkpoint compares like with like
+    totals = []
+    for i in range(args.eval_iters):
+        iters = [iter(_batches(data, args, start + i * args.global_batch_size)) for _ in chunks]
+        totals.append(reduce_step_losses(forward_backward(
+            chunks, iters, args.num_microbatches, args.seq_length, args.micro_batch_size, forward_only=True)))
+    return {k: sum(t[k] for t in totals) / len(totals) for k in totals[0]}
+
+
 def _evaluate(chunks, args, valid_sets: dict, iteration: int, writer: MetricsWriter) -> dict:
-    """Loss and perplexity on every validation set (over all, text and image targets)."""
+    """Loss and perplexity on every validation set (over all, text and image targets): per document as
+    tools/evaluate.py (`DocumentValidation`), or on samples (`--cm3-validation`, mock data)."""
     for c in chunks:
         c.eval()
     results = {}
     for name, data in valid_sets.items():
-        start = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
-        totals = []
-        for i in range(args.eval_iters):
-            iters = [iter(_batches(data, args, start + i * args.global_batch_size)) for _ in chunks]
-            totals.append(reduce_step_losses(forward_backward(
-                chunks, iters, args.num_microbatches, args.seq_length, args.micro_batch_size, forward_only=True)))
-        mean = {k: sum(t[k] for t in totals) / len(totals) for k in totals[0]}
+        per_document = hasattr(data, "evaluate")  # megatron_jam.evaluation.DocumentValidation
+        mean = data.evaluate(chunks, args.micro_batch_size) if per_document else \
+            _sample_validation(chunks, args, data, iteration)
         record = {"iteration": iteration, "valid_set": name, **{f"valid_{k}": v for k, v in mean.items()},
                   "valid_ppl": math.exp(min(mean["lm_loss"], 50.0))}
         writer.write(record, f" validation {name} at iteration {iteration} | lm loss: {mean['lm_loss']:.6E} | "
@@ -130,6 +142,8 @@ class _Run:
         self.iteration = self.consumed = 0
         self.skipped_total = self.skipped_in_row = 0
         self.history: list[dict] = []
+        self.saved_at: int | None = None  # the iteration last saved: a second save of it would change nothing
+        self.best = BestCheckpoint(args) if args.save and getattr(args, "train_epochs", None) else None
         self.async_queue = None
         if args.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -137,7 +151,8 @@ class _Run:
             self.async_queue = AsyncCallsQueue()
 
     def save(self) -> None:
-        if self.args.save:
+        if self.args.save and self.saved_at != self.iteration:
+            self.saved_at = self.iteration
             save_checkpoint(self.args.save, self.iteration, self.consumed, self.chunks, self.opt, self.sched,
                             model_config=self.trained_config(), args=vars(self.args), async_queue=self.async_queue,
                             skipped_iterations=self.skipped_total)
@@ -295,7 +310,9 @@ def _loop(run: _Run, data, valid_sets: dict, writer, sigterm, forward_step_func)
                                   f"{a.max_skipped_steps}) at iteration {run.iteration}; "
                                   f"{'checkpoint saved to ' + a.save if a.save else 'no --save given'}")
         if a.eval_interval and run.iteration % a.eval_interval == 0:
-            _evaluate(run.chunks, a, valid_sets, run.iteration, writer)
+            results = _evaluate(run.chunks, a, valid_sets, run.iteration, writer)
+            if run.best is not None:  # --train-epochs: keep the lowest average validation perplexity named
+                run.best.observe(run, results)
         if a.save and a.save_interval and run.iteration % a.save_interval == 0:
             run.save()
         if sigterm is not None and sigterm.received():

@@ -36,7 +36,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_jam.data.indexed_builder import MODE_IMAGE
 from megatron_jam.parallel.schedule import to_model_device
-from megatron_jam.training.metrics import comm_device
+from megatron_jam.parallel.state import comm_device
 from megatron_jam.utils.logging import get_logger, log_rank0
 
 logger = get_logger(__name__)

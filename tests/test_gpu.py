@@ -66,7 +66,7 @@ def test_bf16_training_learns_and_resumes(single_rank, model_config, tmp_path, e
     assert [r["iteration"] for r in resumed] == list(range(7, 13))
     # Same kernels, same order, restored CUDA RNG: the resumed steps match the uninterrupted run.
     # (bf16: passed on an H200. bf16+distopt: failed there from step 8 on, Adam's step was reset;
-    # fixed in training/checkpointing.py afterwards but not re-run on a GPU, see docs/gpu.md.)
+    # fixed in checkpointing.py afterwards but not re-run on a GPU, see docs/gpu.md.)
     torch.testing.assert_close(_losses(resumed), losses[6:], rtol=1e-5, atol=0)
 
 

@@ -54,7 +54,7 @@ def _last_stage(per_rank):
 
 
 def _crashed_save_body(root: str):
-    from megatron_jam.training import checkpointing
+    from megatron_jam import checkpointing
     from megatron_jam.training.loop import main
 
     main(BASE + ["--train-iters", "3", "--save", root])

@@ -114,7 +114,7 @@ def load_checkpoint(chunks: list, path: str, iteration: int | None = None) -> No
     converted checkpoint or a training `--save` directory (its latest complete iteration, or `iteration`:
     `--ckpt-step`). The trainer's loader with `--finetune` semantics: one model-only loading path for
     every tool."""
-    from megatron_jam.training.checkpointing import load_checkpoint as load_run
+    from megatron_jam.checkpointing import load_checkpoint as load_run
 
     load_run(path, chunks, finetune=True, iteration=iteration)
 

@@ -100,7 +100,7 @@ class MegatronParent:
 
         from megatron_jam.convert.checkpoint import CONVERSION_FILE, build_meta, read_hf_extra
         from megatron_jam.models.kinds import kind_of, load_model_config
-        from megatron_jam.training.checkpointing import resolve_checkpoint_dir
+        from megatron_jam.checkpointing import resolve_checkpoint_dir
 
         self.path = path
         cfg = load_model_config(path)

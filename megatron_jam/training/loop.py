@@ -34,7 +34,7 @@ from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
 from megatron_jam.parallel.schedule import forward_backward, lm_forward_step
 from megatron_jam.training.arguments import build_parser, log_args, save_args, validate_args
 from megatron_jam.training.best_checkpoint import BestCheckpoint
-from megatron_jam.training.checkpointing import load_checkpoint, read_latest, save_checkpoint
+from megatron_jam.checkpointing import load_checkpoint, read_latest, save_checkpoint
 from megatron_jam.training.metrics import (MetricsWriter, any_rank_true, format_line, format_modality_loss,
                                             reduce_step_losses)
 from megatron_jam.training.data import build_data_sources, check_data

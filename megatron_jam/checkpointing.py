@@ -7,6 +7,10 @@ rank's RNG states and the data position; `<save>/model_config.json` is the
 architecture; `<save>/latest_checkpointed_iteration.txt` names the newest
 *complete* checkpoint. It is replaced atomically only after every rank finished
 writing, so a crash during a save leaves the previous checkpoint as `latest`.
+
+Why at the package's top level: the trainer saves and resumes, but the converter (megatron-jam parents,
+export), evaluation and generation load the same checkpoints (`load_checkpoint(..., finetune=True)`); it
+depends only on models/, parallel/ and utils/, so none of them imports training/.
 """
 
 import functools

@@ -11,6 +11,10 @@
    against two separate passes per token (conditional batch, then unconditional
    batch, each with its own cache). The ids must be equal.
 
+3. The weight-read bound: a decode step must read every weight once, so bytes of weights / memory
+   bandwidth (measured here: a large tensor copy, read + write) is the least a token can cost; the
+   KV-cache step's ms/token is reported against it (`decode_vs_weight_read_bound`: 1.0 is the bound).
+
 Random weights (speed does not depend on them), fp32, CPU unless CUDA is present.
 Prints one JSON object; docs/generation.md has the figures.
 """
@@ -116,6 +120,34 @@ def batched_vs_two_passes(model, cfg, layout, args) -> dict:
             "speedup": round(per_tok_t / per_tok_b, 2)}
 
 
+def memory_bandwidth_gbs(device: str, mib: int = 512, repeats: int = 5) -> float:
+    """Copy bandwidth of this device (GB/s counting the read and the write), best of `repeats`."""
+    import torch
+
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def weight_read_bound(model, device: str, cached: dict) -> dict:
+    """ms/token if a step only read the weights at the measured bandwidth, against the KV-cache step's."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gbs = memory_bandwidth_gbs(device)
+    bound_ms = weight_bytes / (gbs * 1e9) * 1e3
+    step_ms = 1e3 / cached["tokens_per_s"]
+    return {"weight_bytes": weight_bytes, "bandwidth_gb_s": round(gbs, 1), "bound_ms_per_token": round(bound_ms, 4),
+            "decode_ms_per_token": round(step_ms, 3), "decode_vs_weight_read_bound": round(step_ms / bound_ms, 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=256)
@@ -142,6 +174,7 @@ def main(argv=None) -> int:
               "tokens_per_image": layout.tokens_per_image}
     if not args.skip_no_cache:
         result["cache_vs_no_cache"] = cache_vs_recompute(model, cfg, layout, args)
+        result["weight_read_bound"] = weight_read_bound(model, result["device"], result["cache_vs_no_cache"]["cache"])
     result["cfg_batched_vs_two_passes"] = batched_vs_two_passes(model, cfg, layout, args)
     print(json.dumps(result, indent=2))
     return 0

@@ -56,10 +56,10 @@ def _configs(parent: dict, vocab: int, seq: int, cross_every: int) -> dict:
 
 
 def _forget_attention_backend() -> None:
-    """Megatron-Core's `LanguageModule` pins the attention backend per process through Transformer Engine's NVTE_*
-    variables (asserting on a change); runs here switch backends within one process."""
-    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        os.environ.pop(name, None)
+    """Runs here switch backends within one process (Megatron-Core pins one per process)."""
+    from megatron_jam.models.attention import forget_attention_backend
+
+    forget_attention_backend()
 
 
 def _reset_memory() -> None:

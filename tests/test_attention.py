@@ -62,12 +62,10 @@ def test_sdpa_equals_unfused_attention_with_gqa(single_rank, explicit_mask):
 
 
 def _forget_backend():
-    """Megatron-Core's `LanguageModule` pins one attention backend per process through Transformer Engine's
-    NVTE_* variables (and asserts on a change); this test builds the model twice, once per backend."""
-    import os
+    """This test builds the model twice in one process, once per backend (Megatron-Core pins one)."""
+    from megatron_jam.models.attention import forget_attention_backend
 
-    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        os.environ.pop(name, None)
+    forget_attention_backend()
 
 
 def _both_backends(tp, sequence_parallel):

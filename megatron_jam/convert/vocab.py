@@ -133,15 +133,18 @@ def plan_vocab(llm_rows: int, img_rows: int, layout=None, text_vocab_size: int |
     else:
         raise ConvertError(f"the LLM has {llm_rows} embedding rows, more than the image model's {img_rows}: "
                            f"pass --vocab-layout (the dataset's PREFIX.vocab.json) to say which rows are text")
-    if llm_rows < t:
-        raise ConvertError(f"text vocabularies differ: the LLM has {llm_rows} embedding rows, but the fused "
-                           f"vocabulary ({source}) has {t} text tokens")
-    if img_rows < v:
-        raise ConvertError(f"the image model has {img_rows} embedding rows, but the fused vocabulary ({source}) "
-                           f"needs {v} (text + special + image tokens)")
+    _need_rows("text vocabularies differ: the LLM", llm_rows, t, f"the fused vocabulary ({source}) has {t} text tokens")
+    _need_rows("the image model", img_rows, v, f"the fused vocabulary ({source}) needs {v} (text + special + image "
+               f"tokens)")
     if not 0 < t <= v:
         raise ConvertError(f"text vocabulary size {t} must be in [1, {v}]")
     return VocabPlan(vocab_size=v, text_rows=t, llm_rows=llm_rows, img_rows=img_rows, source=source)
+
+
+def _need_rows(parent: str, have: int, need: int, why: str) -> None:
+    """ConvertError when a parent has fewer embedding rows than the fused vocabulary takes from it."""
+    if have < need:
+        raise ConvertError(f"{parent} has {have} embedding rows, but {why}")
 
 
 def _native_plan(llm_rows: int, img_rows: int, layout) -> VocabPlan:
@@ -152,25 +155,19 @@ def _native_plan(llm_rows: int, img_rows: int, layout) -> VocabPlan:
     rows = layout.image_ids(np.arange(layout.codebook_size)).tolist() + list(layout.appended_specials.values())
     plan = VocabPlan(vocab_size=layout.vocab_size, text_rows=layout.text_rows, llm_rows=llm_rows, img_rows=img_rows,
                      source="--vocab-layout (native)", img_only=ranges_of(rows))
-    if llm_rows < plan.both_rows:
-        raise ConvertError(f"text vocabularies differ: the LLM has {llm_rows} embedding rows, but the native "
-                           f"--vocab-layout needs its rows up to {plan.both_rows} (text and markers of the parents' "
-                           f"common tokenizer)")
-    if img_rows < plan.vocab_size:
-        raise ConvertError(f"the image model has {img_rows} embedding rows, but the native --vocab-layout needs "
-                           f"{plan.vocab_size} (its vocabulary and any appended specials)")
+    _need_rows("text vocabularies differ: the LLM", llm_rows, plan.both_rows, f"the native --vocab-layout needs its "
+               f"rows up to {plan.both_rows} (text and markers of the parents' common tokenizer)")
+    _need_rows("the image model", img_rows, plan.vocab_size, f"the native --vocab-layout needs {plan.vocab_size} "
+               f"(its vocabulary and any appended specials)")
     return plan
 
 
 def _mixed_plan(llm_rows: int, img_rows: int, layout) -> VocabPlan:
     """Rows of a mixed layout: [0, T) from the LLM, the image part from the image model rows it names."""
     t, top = layout.text_vocab_size, max(src + n for _, src, n in layout.image_parent_rows)
-    if llm_rows < t:
-        raise ConvertError(f"the LLM has {llm_rows} embedding rows, but the mixed --vocab-layout's text part (its "
-                           f"tokenizer) has {t} ids")
-    if img_rows < top:
-        raise ConvertError(f"the image model has {img_rows} embedding rows, but the mixed --vocab-layout takes its "
-                           f"row {top - 1} (image_parent_rows)")
+    _need_rows("the LLM", llm_rows, t, f"the mixed --vocab-layout's text part (its tokenizer) has {t} ids")
+    _need_rows("the image model", img_rows, top, f"the mixed --vocab-layout takes its row {top - 1} "
+               f"(image_parent_rows)")
     return VocabPlan(vocab_size=layout.vocab_size, text_rows=t, llm_rows=llm_rows, img_rows=img_rows,
                      source="--vocab-layout (mixed)", img_ranges=layout.image_parent_rows)
 

@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from megatron_jam.convert.common import ConvertError
+from megatron_jam.data.chameleon_vqgan import DECODER_FILE  # Chameleon's decoder, copied along with its VQ
 from megatron_jam.data.run_files import IMAGE_TOKENIZER_DIR
 from megatron_jam.utils.logging import get_logger, log_rank0
 
@@ -25,8 +26,6 @@ WEIGHTS_FILE = "model.safetensors"
 COPY_BYTES = 1 << 26
 PROCESSOR_FILE = "preprocessor_config.json"
 """The parent's image-processor settings (Emu3: min/max pixels, mean/std), copied along when present."""
-DECODER_FILE = "decoder.safetensors"
-"""Chameleon's VQGAN decoder beside the transformers encoder (tools/convert_image_tokenizer.py), copied along."""
 VQ_FAMILIES = {"emu3": "vqmodel.*", "chameleon": "model.vqmodel.*"}
 """HF families whose checkpoints can hold the VQ model, and under which keys."""
 

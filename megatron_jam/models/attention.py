@@ -25,6 +25,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 
+NVTE_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+"""How Megatron-Core's `LanguageModule` pins one attention backend per process (asserting on a change)."""
 MASKED_SCORE = -10000.0
 """What Megatron's `attention_mask_func` writes into masked scores."""
 UNFUSED = (AttnBackend.unfused, AttnBackend.local)
@@ -83,3 +85,12 @@ class JamDotProductAttention(DotProductAttention):
         if kernel is None or not q.is_cuda:
             return contextlib.nullcontext()
         return sdpa_kernel(kernel)
+
+
+def forget_attention_backend() -> None:
+    """Unpin the process's attention backend, so that a test or a benchmark can build the same model with
+    another `--attention-backend` in one process (a training run uses one and never needs this)."""
+    import os
+
+    for name in NVTE_VARIABLES:
+        os.environ.pop(name, None)

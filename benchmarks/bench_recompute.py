@@ -13,7 +13,6 @@ forward-backward passes after one warm-up. Variants: none, selective (core atten
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -110,17 +109,13 @@ def main():
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    import torch
 
     import megatron_jam  # noqa: F401
     from megatron_jam.models.jam_cross import JamCrossModel
-    from megatron_jam.parallel.initialize import initialize_model_parallel
+    from megatron_jam.parallel.initialize import initialize_distributed, initialize_model_parallel
     from megatron_jam.parallel.model import parallel_kwargs
-    from megatron_jam.testing.distributed import _free_port
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    initialize_distributed()  # one process: NCCL on a GPU, gloo otherwise, a free port
     initialize_model_parallel(1, 1, None, seed=1)
     cfg = _cfg(a)
     weights = JamCrossModel(cfg, **parallel_kwargs(bf16=a.bf16)).state_dict()

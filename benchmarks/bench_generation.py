@@ -12,10 +12,13 @@
    batch, each with its own cache). The ids must be equal.
 
 3. The weight-read bound: a decode step must read every weight once, so bytes of weights / memory
-   bandwidth (measured here: a large tensor copy, read + write) is the least a token can cost; the
-   KV-cache step's ms/token is reported against it (`decode_vs_weight_read_bound`: 1.0 is the bound).
+   bandwidth (measured here: a large tensor copy, read + write) is the least a token can cost; each
+   decode step's ms/token is reported against it (`vs_weight_read_bound`: 1.0 is the bound), for every
+   `--decode-steps` mode (inference/static_decode.py: eager, static = fixed shapes, cuda-graph = static
+   captured once and replayed; default eager,static on a CPU, and cuda-graph too on CUDA). The ids of
+   every mode must equal eager's.
 
-Random weights (speed does not depend on them), fp32, CPU unless CUDA is present.
+Random weights (speed does not depend on them), fp32 (or --bf16), CPU unless CUDA is present.
 Prints one JSON object; docs/generation.md has the figures.
 """
 
@@ -44,7 +47,7 @@ def build(args):
     cfg = JamCrossConfig(llm=ParentConfig(**parent), img=ParentConfig(**parent), vocab_size=layout.vocab_size,
                          cross_every=args.cross_every, cross_zero_init=False, seq_length=ctx)
     torch.manual_seed(0)
-    return build_single(cfg).eval(), cfg, layout
+    return build_single(cfg, bf16=args.bf16).eval(), cfg, layout
 
 
 def timed(fn):
@@ -138,14 +141,42 @@ def memory_bandwidth_gbs(device: str, mib: int = 512, repeats: int = 5) -> float
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def weight_read_bound(model, device: str, cached: dict) -> dict:
-    """ms/token if a step only read the weights at the measured bandwidth, against the KV-cache step's."""
+def decode_steps(model, cfg, layout, args, modes: list[str]) -> dict:
+    """The same greedy image (KV cache, no CFG) with each decode-step mode: seconds, ms per token (the
+    capture of a CUDA graph included: once per generate call)."""
+    from megatron_jam.inference.decoding import InterleavedGenerator
+    from megatron_jam.inference.sampling import SamplingParams
+
+    prompt = [[i % layout.text_vocab_size for i in range(args.prompt_len - 1)] + [layout.break_id]]
+    res, ids = {}, {}
+    for mode in modes:
+        gen = InterleavedGenerator(model, cfg, layout, decode_step=mode)
+        gen.generate(prompt, SamplingParams.greedy(), layout.tokens_per_image)  # warm-up (allocator, kernels)
+        out, sec = timed(lambda: _synced(lambda: gen.generate(prompt, SamplingParams.greedy(),
+                                                              layout.tokens_per_image)[0]))
+        ids[mode] = out.ids
+        res[mode] = {"seconds": round(sec, 3), "ms_per_token": round(1e3 * sec / len(out.ids), 3)}
+    for mode in modes:
+        assert ids[mode] == ids[modes[0]], f"decode step {mode} gives other ids than {modes[0]}"
+    return res
+
+
+def _synced(fn):
+    import torch
+
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
+
+
+def weight_read_bound(model, device: str, steps: dict) -> dict:
+    """ms/token if a step only read the weights at the measured bandwidth, against each mode's step."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gbs = memory_bandwidth_gbs(device)
     bound_ms = weight_bytes / (gbs * 1e9) * 1e3
-    step_ms = 1e3 / cached["tokens_per_s"]
     return {"weight_bytes": weight_bytes, "bandwidth_gb_s": round(gbs, 1), "bound_ms_per_token": round(bound_ms, 4),
-            "decode_ms_per_token": round(step_ms, 3), "decode_vs_weight_read_bound": round(step_ms / bound_ms, 1)}
+            "vs_weight_read_bound": {m: round(r["ms_per_token"] / bound_ms, 2) for m, r in steps.items()}}
 
 
 def main(argv=None) -> int:
@@ -162,6 +193,9 @@ def main(argv=None) -> int:
     p.add_argument("--cfg-scale", type=float, default=3.5)
     p.add_argument("--cfg-tokens", type=int, default=1024, help="image tokens timed for the two-pass baseline")
     p.add_argument("--skip-no-cache", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights (the weight-read bound halves)")
+    p.add_argument("--decode-steps", help="comma list of eager, static, cuda-graph (default: eager,static, "
+                                          "and cuda-graph on CUDA)")
     args = p.parse_args(argv)
     import torch
 
@@ -169,12 +203,16 @@ def main(argv=None) -> int:
 
     model, cfg, layout = build(args)
     result = {"model": {"kind": "jam_cross", "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                        "cross_every": args.cross_every, "vocab": layout.vocab_size},
+                        "cross_every": args.cross_every, "vocab": layout.vocab_size,
+                        "dtype": "bf16" if args.bf16 else "fp32"},
               "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
               "tokens_per_image": layout.tokens_per_image}
     if not args.skip_no_cache:
         result["cache_vs_no_cache"] = cache_vs_recompute(model, cfg, layout, args)
-        result["weight_read_bound"] = weight_read_bound(model, result["device"], result["cache_vs_no_cache"]["cache"])
+    modes = args.decode_steps.split(",") if args.decode_steps else \
+        ["eager", "static"] + (["cuda-graph"] if torch.cuda.is_available() else [])
+    result["decode_steps"] = decode_steps(model, cfg, layout, args, modes)
+    result["weight_read_bound"] = weight_read_bound(model, result["device"], result["decode_steps"])
     result["cfg_batched_vs_two_passes"] = batched_vs_two_passes(model, cfg, layout, args)
     print(json.dumps(result, indent=2))
     return 0

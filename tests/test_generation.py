@@ -261,12 +261,13 @@ def _with_live_cross_blocks(src, dst):
 PROMPTS = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, BRK], [12, 13, 14, 15]]
 
 
-def _generate(path, tp=1, use_cache=True, stepper_cls=None, cfg_scale=3.0, prompts=PROMPTS, max_new=20):
+def _generate(path, tp=1, use_cache=True, stepper_cls=None, cfg_scale=3.0, prompts=PROMPTS, max_new=20,
+              decode_step="eager"):
     from megatron_jam.inference.loading import load_model
 
     model, cfg = load_model(path, tp)
     stepper = stepper_cls(model) if stepper_cls else None
-    gen = InterleavedGenerator(model, cfg, LAYOUT, use_cache=use_cache, stepper=stepper)
+    gen = InterleavedGenerator(model, cfg, LAYOUT, use_cache=use_cache, stepper=stepper, decode_step=decode_step)
     return [(o.ids, o.finish_reason) for o in gen.generate(prompts, SamplingParams.greedy(cfg_scale), max_new)]
 
 
@@ -275,20 +276,72 @@ def test_greedy_with_cache_equals_without(single_rank, ckpts, method):
     cached = _generate(ckpts[method])
     assert cached == _generate(ckpts[method], stepper_cls=FullForwardStepper)  # the model's own forward
     assert cached == _generate(ckpts[method], use_cache=False)  # our batched recompute (benchmark baseline)
+    assert cached == _generate(ckpts[method], decode_step="static")  # fixed shapes (what CUDA graphs replay)
     ids = [t for out, _ in cached for t in out]
     assert len(set(ids)) > 5, "degenerate test model: decoding repeats one token"
     assert sum(LAYOUT.is_image(ids)) >= TPI  # at least one image (prompt 3 starts one)
 
 
-def _tp2_generate(path):
+def _trace_steps(monkeypatch, cls, attr, persistent):
+    """Record the operators of every call of `cls.attr` (a decode step's forward)."""
+    from megatron_jam.testing.op_trace import OpTrace, storage_key
+
+    traces, original = [], getattr(cls, attr)
+
+    def traced(self, *args):
+        with OpTrace({storage_key(t) for t in persistent(self)}) as trace:
+            out = original(self, *args)
+        traces.append(trace)
+        return out
+
+    monkeypatch.setattr(cls, attr, traced)
+    return traces
+
+
+@pytest.mark.parametrize("method", ["cross", "cross_chameleon", "width"])
+def test_static_decode_step_is_the_same_work_every_step(single_rank, ckpts, monkeypatch, method):
+    """What a CUDA graph replays, checked without a GPU: every fixed-shape step (`--decode-step static`,
+    the body of `cuda-graph`) dispatches the same operators with the same shapes and scalars, and reads
+    the same weights, cache and input buffers; finished rows and CFG rows only change buffer contents.
+    The eager step is the control: its shapes grow every step."""
+    from megatron_jam.inference.static_decode import StaticDecoder
+    from megatron_jam.inference.stepper import _Stepper
+    from megatron_jam.testing.op_trace import first_difference
+
+    with monkeypatch.context() as m:
+        static = _trace_steps(m, StaticDecoder, "_forward", StaticDecoder.persistent_tensors)
+        _generate(ckpts[method], decode_step="static", max_new=12)
+    assert len(static) == 11 and len(static[0].ops) > 50  # 12 tokens: the prefill step, then 11 static steps
+    assert static[0].foreign == static[0].host_reads == 0  # no host data in, no value back out (no sync)
+    for trace in static[1:]:
+        assert trace.ops == static[0].ops, first_difference(static[0].ops, trace.ops)
+    with monkeypatch.context() as m:
+        eager = _trace_steps(m, _Stepper, "forward", lambda self: [])
+        _generate(ckpts[method], max_new=4)
+    assert eager[1].ops != eager[2].ops
+
+
+def _tp2_generate(path, decode_step="eager"):
     from megatron_jam.parallel.initialize import initialize_model_parallel
 
     initialize_model_parallel(tp=2, seed=5)
-    return _generate(path, tp=2)
+    return _generate(path, tp=2, decode_step=decode_step)
 
 
 def test_tp2_greedy_equals_tp1(single_rank, pool2, ckpts):
-    for method in ("cross", "width"):
+    for method, decode_step in (("cross", "eager"), ("width", "eager"), ("cross", "static")):
         ref = _generate(ckpts[method])
-        for got in pool2.run(_tp2_generate, ckpts[method]):
-            assert got == ref, method
+        for got in pool2.run(_tp2_generate, ckpts[method], decode_step):
+            assert got == ref, (method, decode_step)
+
+
+def test_decode_step_refusals(single_rank, ckpts):
+    from megatron_jam.inference.loading import load_model
+
+    model, cfg = load_model(ckpts["width"], 1)
+    with pytest.raises(ValueError, match="cuda-graph needs the model on a CUDA device"):
+        InterleavedGenerator(model, cfg, LAYOUT, decode_step="cuda-graph")
+    with pytest.raises(ValueError, match="drop --no-kv-cache"):
+        InterleavedGenerator(model, cfg, LAYOUT, decode_step="static", use_cache=False)
+    with pytest.raises(ValueError, match="expected one of eager, static, cuda-graph"):
+        InterleavedGenerator(model, cfg, LAYOUT, decode_step="graph")

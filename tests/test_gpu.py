@@ -109,3 +109,10 @@ def test_generation_from_a_bf16_checkpoint(single_rank, model_config, tmp_path):
                 if lay.image_offset <= t < lay.vocab_size]) == lay.tokens_per_image
     # The KV cache must not change what is generated (fp32 model: ids agree exactly here).
     assert [o.ids for o in outs[True]] == [o.ids for o in outs[False]]
+    # Nor must the CUDA graph of the decode step (captured once per generate call, replayed every step;
+    # never run on a GPU when written, see docs/gpu.md), twice to reuse nothing from the first call.
+    for _ in range(2):
+        gen = InterleavedGenerator(model, cfg, lay, decode_step="cuda-graph")
+        graphed = gen.generate(prompts, SamplingParams(seed=3, cfg_scale=3.0), max_new_tokens=12)
+        assert [o.ids for o in graphed] == [o.ids for o in outs[True]]
+        assert gen._static is not None and gen._static._graph is not None  # the graph was captured and replayed

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-length", type=int, help="default: the model's seq_length")
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     g.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix every token (slow)")
+    g.add_argument("--decode-step", choices=("eager", "static", "cuda-graph"), default="eager",
+                   help="how the steps after the prompt run: eager; static (fixed shapes, the whole cache "
+                        "attended); cuda-graph (static, captured once per batch and replayed: CUDA, TP 1; "
+                        "docs/generation.md)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="must be 1 for generation")
     p.add_argument("--output", required=True, help="folder for the documents")
@@ -192,7 +196,8 @@ def generate(args) -> list[dict]:
         raise ValueError(f"world size {dist.get_world_size()} is not divisible by TP={tp}")
     initialize_model_parallel(tp, 1, seed=args.seed)
     model, cfg = load_model(args.load, tp, iteration=args.ckpt_step)
-    gen = InterleavedGenerator(model, cfg, layout, context_length=context, use_cache=not args.no_kv_cache)
+    gen = InterleavedGenerator(model, cfg, layout, context_length=context, use_cache=not args.no_kv_cache,
+                               decode_step=args.decode_step)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = items[dp_rank::dp]
     writes = parallel_state.get_tensor_model_parallel_rank() == 0

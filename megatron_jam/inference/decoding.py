@@ -39,7 +39,8 @@ Each prompt is one *conditional* row. Its state machine::
 Rows advance in lockstep, one slot per step (kv_cache.py); finished rows and
 idle unconditional rows get invalid slots. With `use_cache=False` every step
 recomputes all slots from scratch (the reference the cache is tested against,
-and the benchmark's baseline). Sampled ids are broadcast from the first
+and the benchmark's baseline). `decode_step` other than "eager" runs the steps
+after the prompt with fixed shapes (static_decode.py: CUDA graphs). Sampled ids are broadcast from the first
 tensor-parallel rank, so TP ranks never diverge.
 """
 
@@ -54,6 +55,7 @@ from megatron_jam.data.image_format import SAMPLE
 from megatron_jam.data.vocab import VocabLayout
 from megatron_jam.inference.kv_cache import KVCache, SlotTable
 from megatron_jam.inference.sampling import SamplingParams, VocabMasks, cfg_combine, restrict, sample
+from megatron_jam.inference.static_decode import StaticDecoder, check_decode_step
 from megatron_jam.inference.stepper import build_stepper, max_positions
 
 TEXT, IMAGE, AFTER_IMAGE, DONE = "text", "image", "after_image", "done"
@@ -88,10 +90,17 @@ class InterleavedGenerator:
     """Batched mixed-modal generation with a JAM model (any of the three methods) on one pipeline stage."""
 
     def __init__(self, model, cfg, layout: VocabLayout, context_length: int | None = None,
-                 use_cache: bool = True, stepper=None):
+                 use_cache: bool = True, stepper=None, decode_step: str = "eager"):
         check_layout_matches_model(layout, cfg)
         self.cfg, self.layout, self.use_cache = cfg, layout, use_cache
         self.stepper = stepper if stepper is not None else build_stepper(model, cfg)
+        if decode_step != "eager":
+            if not use_cache:
+                raise ValueError(f"--decode-step {decode_step} runs over the KV cache (drop --no-kv-cache)")
+            check_decode_step(decode_step, self.stepper.device)
+        self.decode_step = decode_step
+        """How the steps after the prompt run: static_decode.py (eager, static, cuda-graph)."""
+        self._static: StaticDecoder | None = None
         limit = max_positions(cfg)
         self.context = context_length or min(cfg.seq_length, limit)
         if self.context > limit:
@@ -112,7 +121,7 @@ class InterleavedGenerator:
         use_cfg = params.cfg_scale != 1.0
         slots, start, n = self._prefill(prompts, rows, use_cfg, max(r.budget for r in rows))
         cache = KVCache(slots.capacity)
-        self.steps = 0
+        self.steps, self._static = 0, None
         while True:
             logits = self._run(slots, cache, start, n)
             self._advance(rows, logits, params, use_cfg, gen, slots)
@@ -171,6 +180,10 @@ class InterleavedGenerator:
         return slots, slots.add(tokens, positions, valid), width
 
     def _run(self, slots: SlotTable, cache: KVCache, start: int, n: int) -> torch.Tensor:
+        if self.use_cache and n == 1 and self.decode_step != "eager" and cache.names():  # after the prefill
+            if self._static is None:
+                self._static = StaticDecoder(self.stepper, slots, cache, self.decode_step)
+            return self._static.step(slots, start)
         if self.use_cache:
             return self.stepper.step(slots, cache, start, n)
         return self.stepper.step(slots, KVCache(slots.capacity), 0, slots.length)  # the whole history again

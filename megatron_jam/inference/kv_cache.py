@@ -69,16 +69,30 @@ class KVCache:
         self.capacity = capacity
         self._buffers: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def store(self, name: str, start: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Write `[n, b, g, hn]` keys/values at slots [start, start+n); return slots [0, start+n)."""
+    def store(self, name: str, start: int | Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write `[n, b, g, hn]` keys/values at slots [start, start+n); return slots [0, start+n).
+
+        `start` a device tensor `[n]` of slot indices instead (static_decode.py): the write is an
+        `index_copy_` and the whole buffers are returned, so every step has the same shapes and no Python
+        number reaches the kernels (what a CUDA graph replays)."""
         if name not in self._buffers:
+            if isinstance(start, Tensor):
+                raise RuntimeError(f"KV cache {name!r} has no buffer yet: run the prompt before a static step")
             shape = (self.capacity,) + tuple(key.shape[1:])
             self._buffers[name] = (key.new_zeros(shape), value.new_zeros(shape))
         kbuf, vbuf = self._buffers[name]
+        if isinstance(start, Tensor):
+            kbuf.index_copy_(0, start, key)
+            vbuf.index_copy_(0, start, value)
+            return kbuf, vbuf
         end = start + key.shape[0]
         kbuf[start:end] = key
         vbuf[start:end] = value
         return kbuf[:end], vbuf[:end]
+
+    def tensors(self) -> list[Tensor]:
+        """Every key and value buffer (what a CUDA graph of a decode step reads and writes in place)."""
+        return [t for kv in self._buffers.values() for t in kv]
 
     def names(self) -> list[str]:
         return sorted(self._buffers)

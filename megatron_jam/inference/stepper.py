@@ -32,13 +32,7 @@ from torch import Tensor
 from megatron_jam.inference.kv_cache import KVCache, SlotTable
 
 
-def _rope_freqs(rotary, positions: Tensor, max_len: int) -> Tensor:
-    """RoPE angles at per-row positions `[n, b]` -> `[n, b, 1, dim]` (same table as the full forward)."""
-    table = rotary(max_len)[:, 0, 0, :]  # [max_len, dim]
-    return table[positions].unsqueeze(2)
-
-
-def self_attention_layer(layer, h: Tensor, cache: KVCache, name: str, start: int, mask: Tensor,
+def self_attention_layer(layer, h: Tensor, cache: KVCache, name: str, start: int | Tensor, mask: Tensor,
                          rope: Tensor | None) -> Tensor:
     """One parent (self-attention) `TransformerLayer` over new slots `h` `[n, b, d]`."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
@@ -49,13 +43,13 @@ def self_attention_layer(layer, h: Tensor, cache: KVCache, name: str, start: int
     if rope is not None:
         q = apply_rotary_pos_emb(q, rope, config=attn.config, cp_group=attn.pg_collection.cp)
         k = apply_rotary_pos_emb(k, rope, config=attn.config, cp_group=attn.pg_collection.cp)
-    k, v = cache.store(name, start, k, v)  # [start + n, b, ng, hn]
+    k, v = cache.store(name, start, k, v)  # [start + n (capacity when static), b, ng, hn]
     out = attn.linear_proj(attn.core_attention(q, k, v, mask))  # [n, b, d] after the TP all-reduce
     h = layer.self_attn_bda(layer.training, layer.config.bias_dropout_fusion)(out, h, layer.hidden_dropout)
     return layer._forward_mlp(h)
 
 
-def cross_attention_layer(layer, h: Tensor, context: Tensor, cache: KVCache, name: str, start: int,
+def cross_attention_layer(layer, h: Tensor, context: Tensor, cache: KVCache, name: str, start: int | Tensor,
                           mask: Tensor) -> Tensor:
     """One cross block: queries from `h`, keys/values from `context` (both `[n, b, d]`, new slots)."""
     attn = layer.cross_attention
@@ -71,9 +65,14 @@ class _Stepper:
     """Common part: mask, logits of the last new slot, vocabulary gather."""
 
     def __init__(self, model, max_positions: int):
+        from megatron_jam.models.attention import takes_additive_mask
+
         self.model = model
         self.max_positions = max_positions
         self.device = next(model.parameters()).device
+        self.additive_mask = takes_additive_mask(model)
+        """SDPA core attention: the boolean mask becomes an additive one once per step, not once per layer."""
+        self._rope_tables: dict[int, Tensor] = {}
 
     @torch.no_grad()
     def step(self, slots: SlotTable, cache: KVCache, start: int, n: int) -> Tensor:
@@ -82,16 +81,35 @@ class _Stepper:
         dev = self.device  # the slot table lives on the CPU; the model may be on a GPU
         tokens = slots.tokens[:, start:start + n].to(dev)
         positions = slots.positions[:, start:start + n].to(dev)
-        mask = slots.attention_mask(start, n).to(dev)
+        mask = self.attention_mask(slots.attention_mask(start, n).to(dev))
+        return self.forward(tokens, positions, cache, start, mask).float().cpu()  # sampling runs on the CPU
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, start: int | Tensor, mask: Tensor) -> Tensor:
+        """Logits `[b, V_padded]` of the last of the new slots `tokens` / `positions` `[b, n]` (on the model's
+        device). `start`: first new slot (an int), or a device tensor `[n]` of slot indices for fixed shapes
+        (static_decode.py: the cache is attended whole, `mask` covers every slot)."""
         hidden = self._hidden(tokens, positions, cache, start, mask)[-1:]  # [1, b, d]
         logits = self._logits(hidden)  # [1, b, V/tp]
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)  # [1, b, V]
-        return logits[0].float().cpu()  # sampling runs on the CPU with a seeded CPU generator
+        return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[0]  # [b, V]
+
+    def attention_mask(self, masked: Tensor) -> Tensor:
+        """Megatron's boolean mask (True = masked), or its additive form for SDPA."""
+        if not self.additive_mask:
+            return masked
+        from megatron_jam.models.attention import additive_mask
+
+        return additive_mask(masked, next(self.model.parameters()).dtype)
 
     def _rope(self, rotary, positions: Tensor) -> Tensor | None:
+        """RoPE angles at per-row positions `[b, n]` -> `[n, b, 1, dim]` (the full forward's table, built once)."""
         if rotary is None:
             return None
-        return _rope_freqs(rotary, positions.t(), self.max_positions)
+        if id(rotary) not in self._rope_tables:
+            self._rope_tables[id(rotary)] = rotary(self.max_positions)[:, 0, 0, :]  # [max_len, dim]
+        return self._rope_tables[id(rotary)][positions.t()].unsqueeze(2)
+
+    def rope_tables(self) -> list[Tensor]:
+        return list(self._rope_tables.values())
 
     def _output(self, hidden: Tensor) -> Tensor:
         m = self.model

@@ -14,7 +14,8 @@ kernels with no extra package. Which one runs follows Megatron-LM's `--attention
 Both compute the same function (tests/test_attention.py: outputs and gradients in fp32, GQA, causal self- and
 cross-attention, TP=2 with sequence parallelism). Masks follow Megatron's convention (boolean, True = masked);
 an explicit mask is applied as Megatron's unfused path does (-10000 added), so a query whose every key is
-masked (a padding slot in batched decoding) averages the values instead of producing NaN.
+masked (a padding slot in batched decoding) averages the values instead of producing NaN. SDPA also takes
+that additive mask directly (`additive_mask`): the decoder converts its step's mask once, not in every layer.
 """
 
 import contextlib
@@ -56,9 +57,8 @@ class JamDotProductAttention(DotProductAttention):
             raise ValueError("packed sequences and attention bias need Transformer Engine's attention")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [b, heads, s, hn]
         mask, causal = None, False
-        if attention_mask is not None:
-            mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                attention_mask, MASKED_SCORE)
+        if attention_mask is not None:  # boolean (True = masked), or already additive (the decoder's, per step)
+            mask = additive_mask(attention_mask, q.dtype) if attention_mask.dtype == torch.bool else attention_mask
         elif (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and q.shape[2] > 1:
             causal = True  # top-left aligned, as Megatron's default causal mask (sq == sk here)
         dropout = self.attention_dropout.p if self.training else 0.0
@@ -85,6 +85,18 @@ class JamDotProductAttention(DotProductAttention):
         if kernel is None or not q.is_cuda:
             return contextlib.nullcontext()
         return sdpa_kernel(kernel)
+
+
+def additive_mask(masked: Tensor, dtype: torch.dtype) -> Tensor:
+    """Megatron's boolean mask (True = masked) as the scores' addend: 0 where attended, -10000 where masked."""
+    return torch.zeros(masked.shape, dtype=dtype, device=masked.device).masked_fill(masked, MASKED_SCORE)
+
+
+def takes_additive_mask(model) -> bool:
+    """Whether every core attention of `model` is ours on SDPA (which takes `additive_mask`'s output)."""
+    cores = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
+    return bool(cores) and all(isinstance(c, JamDotProductAttention) and c.config.attention_backend not in UNFUSED
+                               for c in cores)
 
 
 def forget_attention_backend() -> None:

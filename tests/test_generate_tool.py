@@ -105,6 +105,10 @@ def test_without_a_decoder_images_are_labelled_token_grids(single_rank, setup, t
     assert seg["rendering"] == "token_grid"
     assert GRID_LABEL in (tmp_path / "prompt_0000.html").read_text()
     assert Image.open(tmp_path / seg["file"]).size[0] >= 64
+    static = tmp_path / "static"  # fixed-shape decode steps (what --decode-step cuda-graph replays): same ids
+    assert _tool().main(_args(root, static, "--prompt", "ka lo", "--start-with-image", "--greedy",
+                              "--decode-step", "static")) == 0
+    assert json.loads((static / "prompt_0000.json").read_text())["ids"] == rec["ids"]
 
 
 def _fails(capsys, argv, message, out):
@@ -130,6 +134,8 @@ def test_bad_inputs_fail_before_generation(single_rank, setup, tmp_path, capsys)
            "codebook size 64", out)
     _fails(capsys, _args(root, out, "--prompt", "ka", "--pipeline-model-parallel-size", "2"),
            "whole model on one stage", out)
+    _fails(capsys, _args(root, out, "--prompt", "ka", "--decode-step", "cuda-graph"),
+           "cuda-graph needs the model on a CUDA device", out)
 
 
 def test_small_decoded_images_are_shown_scaled_up_without_smoothing(single_rank, setup, tmp_path):

@@ -162,6 +162,19 @@ def _restore_distributed_optimizer_step(optimizer, loaded: dict) -> None:
             st["step"] = torch.tensor(step)
 
 
+def _gather_updated_parameters(chunks: list) -> None:
+    """With `--overlap-param-gather` the distributed optimizer leaves the all-gather of the parameters it updated
+    to the next forward pass (its forward pre-hooks): until then each data-parallel rank holds only its own shard
+    up to date, and a checkpoint would store the others' shards one step old (the optimizer state, which a resume
+    restores, is right; the weights that `--finetune`, conversion and inference read are not). Gather them now,
+    synchronously, as Megatron-LM does before it saves (`disable_forward_pre_hook(param_sync=True)`); the next
+    forward gathers the same values again."""
+    for chunk in chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def _sharded_state(chunks, optimizer, scheduler, loading: bool) -> dict:
     state = _model_state(chunks)
     if optimizer is not None:
@@ -197,6 +210,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, chunks: li
     if dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
     dist.barrier()
+    _gather_updated_parameters(chunks)
     state = _sharded_state(chunks, optimizer, scheduler, loading=False)
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
@@ -332,7 +346,12 @@ def _load(path: str, chunks: list, optimizer, scheduler, load_rng: bool, finetun
     for key, chunk in zip(_model_state_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(loaded[key])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # no_grad: in fp32 the distributed optimizer's main parameters are views of the model parameters
+        # (leaves that require grad), which Megatron-Core 0.16 fills with an in-place `copy_`; autograd
+        # refuses that outside no_grad ("a view of a leaf Variable that requires grad is being used in an
+        # in-place operation"). bf16 main parameters are detached fp32 copies: no change there.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
         _restore_distributed_optimizer_step(optimizer, loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])

@@ -20,7 +20,10 @@ a GPU cluster (`get_forward_backward_func`, `ColumnParallelLinear`,
 3. replace the RNG tracker with one whose "device" generator is the CPU
    default generator, which is what dropout and init on CPU tensors use;
 4. replace the optimizer's gradient clipping, whose only CUDA dependence is
-   an assertion that gradients are `torch.cuda.FloatTensor`.
+   an assertion that gradients are `torch.cuda.FloatTensor`;
+5. let the distributed optimizer sort its parameters by type with CPU
+   tensors named as CUDA ones (its only CUDA dependence on gloo, which has
+   the reduce-scatter and all-gather it uses, asynchronous ones included).
 
 `install()` (run by `import megatron_jam`) does all of it once and is a no-op
 when CUDA is available, so a GPU cluster runs unmodified Megatron-Core. It
@@ -192,6 +195,45 @@ def _patch_optimizer() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
 
 
+@contextlib.contextmanager
+def _cpu_tensors_typed_as_cuda():
+    """While active, `Tensor.type()` without arguments names a CPU tensor's CUDA type ("torch.FloatTensor"
+    reads "torch.cuda.FloatTensor"); `Tensor.type(dtype)` conversions are untouched. Process-wide while it
+    lasts: use it only around single-threaded set-up code."""
+    original = torch.Tensor.type
+
+    def cuda_named(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _patch_distributed_optimizer() -> None:
+    """`DistributedOptimizer._build_model_and_main_param_groups` sorts parameters into fp32 and 16-bit groups
+    by `param.type()` against CUDA type names ("torch.cuda.FloatTensor", ...) and raises a TypeError for
+    anything else, CPU tensors included. Everything else the distributed optimizer does runs on gloo as is
+    (reduce-scatter of the gradient buckets, all-gather of the updated parameters, with or without
+    `async_op`; CUDA streams only with several optimizer instances, which the trainer does not create;
+    device arguments go through `_patch_devices`), so the sorting runs with CPU tensors typed as CUDA."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    build = DistributedOptimizer._build_model_and_main_param_groups.__func__
+
+    @functools.wraps(build)
+    def cpu_build(cls, *args, **kwargs):
+        with _cpu_tensors_typed_as_cuda():
+            return build(cls, *args, **kwargs)
+
+    cpu_build.__jam_cpu_patch__ = True
+    DistributedOptimizer._build_model_and_main_param_groups = classmethod(cpu_build)
+
+
 def check_megatron_core_version() -> str:
     """The installed Megatron-Core version; raises if it is not the one this layer was checked on."""
     found = importlib.metadata.version("megatron-core")
@@ -227,7 +269,9 @@ def _warn_on_other_version() -> None:
 # (category, message regex) of the start-up warnings every CPU or GPU-without-TE run prints, none of them
 # actionable: Megatron-Core's fallbacks when Transformer Engine / Apex are absent (summarised instead in
 # one log line, `_log_backends`), a deprecation Megatron-Core triggers with its own default, and torch
-# deprecations inside Megatron-Core's checkpointing. Matched by text, so any other warning still shows.
+# deprecations inside Megatron-Core's checkpointing and distributed optimizer. Matched by text (and, where
+# the text alone could match a user's own code, by the Megatron-Core module that warns), so any other warning
+# still shows. Entries: (category, message regex) or (category, message regex, module regex).
 KNOWN_WARNINGS = (
     (UserWarning, r"Transformer Engine and Apex are not installed\. Falling back to "),
     (UserWarning, r"Apex is not installed\. Falling back to Torch Norm"),
@@ -235,6 +279,12 @@ KNOWN_WARNINGS = (
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
     (FutureWarning, r"`load_state_dict` is deprecated and will be removed"),  # Megatron-Core's torch_dist load
     (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated"),
+    # the distributed optimizer's gradient reduce-scatter and parameter all-gather (names torch 2.13 deprecates)
+    (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
+    # fp32 distributed optimizer: `zero_grad` looks at the `.grad` of its parameter shards, which are views of
+    # the model's parameters (its own comment: "throws grad-access warning")
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+     r"megatron\.core\.optimizer\.optimizer"),
 )
 
 BACKENDS_LINE = "%s not installed: local kernels (PyTorch SDPA attention, torch norms and Adam)"
@@ -243,8 +293,8 @@ APEX_LINE = "Apex not installed: Transformer Engine or torch kernels in its plac
 
 def quiet_known_warnings() -> None:
     """Filter `KNOWN_WARNINGS` (once; precise message filters, no category-wide ignore)."""
-    for category, message in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    for category, message, *module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module[0] if module else "")
 
 
 def _missing_backends() -> list[str]:
@@ -286,6 +336,7 @@ _HOOKS = {
     "megatron.core": _on_megatron_core,
     "megatron.core.tensor_parallel.random": lambda module: _INSTALLED and _patch_rng(),
     "megatron.core.optimizer.optimizer": lambda module: _INSTALLED and _patch_optimizer(),
+    "megatron.core.optimizer.distrib_optimizer": lambda module: _INSTALLED and _patch_distributed_optimizer(),
 }
 
 

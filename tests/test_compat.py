@@ -59,6 +59,8 @@ EXPECTED = {
         "self", "hidden_states", "key_value_states", "output_gate", "split_qkv"],
     "megatron.core.transformer.attention:CrossAttention.get_query_key_value_tensors": [
         "self", "hidden_states", "key_value_states", "output_gate", "split_qkv"],
+    # megatron_jam/data/cm3_dataset.py: JamDataset's JAM rules before Megatron's indices are built
+    "megatron.core.datasets.gpt_dataset:GPTDataset._build_document_sample_shuffle_indices": ["self"],
     # megatron_jam/models/jam_cross_loop.py: recomputation
     "megatron.core.tensor_parallel:checkpoint": ["function", "distribute_saved_activations", "args"],
 }

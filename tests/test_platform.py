@@ -30,6 +30,19 @@ def test_patched_megatron_entry_points_exist():
         assert platform.cpu_mode_active()
         assert mrandom.CudaRNGStatesTracker.__name__ == "CpuRNGStatesTracker"
         assert type(mrandom.get_cuda_rng_tracker()).__name__ == "CpuRNGStatesTracker"
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        assert DistributedOptimizer._build_model_and_main_param_groups.__func__.__jam_cpu_patch__
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="the CPU layer is a no-op when CUDA is available")
+def test_cpu_tensors_are_typed_as_cuda_only_inside_the_distributed_optimizer_set_up():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with platform._cpu_tensors_typed_as_cuda():
+        assert p.type() == "torch.cuda.FloatTensor" and torch.zeros(1, dtype=torch.bfloat16).type() == \
+            "torch.cuda.BFloat16Tensor"
+        assert p.type(torch.float64).dtype == torch.float64  # conversions untouched
+    assert p.type() == "torch.FloatTensor"
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="the CPU layer is a no-op when CUDA is available")

@@ -51,7 +51,6 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
 from megatron_jam.data.cm3 import CM3Config, cm3_transform
@@ -172,30 +171,29 @@ class JamDataset(GPTDataset):
 
     def __init__(self, documents: JamDocuments, dataset_path: Optional[str], indices: np.ndarray,
                  num_samples: Optional[int], index_split: Split, config: JamDatasetConfig) -> None:
-        MegatronDataset.__init__(self, documents, dataset_path, indices, num_samples, index_split, config)
-        # The cache key must also say how documents are cut into samples.
-        self.unique_identifiers["sample_packing"] = documents.packing
+        super().__init__(documents, dataset_path, indices, num_samples, index_split, config)
+        self.masks_and_position_ids_are_cacheable = False  # position ids restart per sample layout
+        name = os.path.basename(dataset_path or "")
+        self._salt = zlib.crc32(f"{name}|{index_split.name}".encode())
+
+    def _build_document_sample_shuffle_indices(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Megatron's indices (and their on-disk cache), with two JAM rules first: the cache key also says
+        how documents are cut into samples (a prefix's layout is not a config field), and a split of no
+        tokens is an empty dataset or a one-line error, where Megatron's builder would loop forever asking
+        for epochs of 0 tokens."""
+        self.unique_identifiers["sample_packing"] = self.dataset.packing
         self.unique_description = json.dumps(self.unique_identifiers, indent=4,
                                              default=lambda obj: obj.unique_identifiers)
         self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
                                                    usedforsecurity=False).hexdigest()
-        self.masks_and_position_ids_are_cacheable = False
-        self.masks_and_position_ids_are_cached = False
-        self.cached_attention_mask = self.cached_loss_mask = self.cached_position_ids = None
-        if num_samples == 0 or (indices is not None and not np.sum(documents.sequence_lengths[indices])):
-            # Megatron's index builder would loop forever asking epochs of 0 tokens for the samples.
-            if num_samples:
-                raise ConfigError(empty_split_message(dataset_path, config, documents.num_documents, index_split,
-                                                      num_samples))
+        docs, indices = self.dataset, self.indices
+        if self.num_samples == 0 or (indices is not None and not np.sum(docs.sequence_lengths[indices])):
+            if self.num_samples:
+                raise ConfigError(empty_split_message(self.dataset_path, self.config, docs.num_documents,
+                                                      self.index_split, self.num_samples))
             # No samples wanted (0), or one epoch (None) of no documents: an empty dataset, no index built.
-            self.document_index = np.zeros(0, dtype=np.int32)
-            self.sample_index = np.zeros((1, 2), dtype=np.int32)
-            self.shuffle_index = np.zeros(0, dtype=np.uint32)
-        else:
-            self.document_index, self.sample_index, self.shuffle_index = \
-                self._build_document_sample_shuffle_indices()
-        name = os.path.basename(dataset_path or "")
-        self._salt = zlib.crc32(f"{name}|{index_split.name}".encode())
+            return np.zeros(0, dtype=np.int32), np.zeros((1, 2), dtype=np.int32), np.zeros(0, dtype=np.uint32)
+        return super()._build_document_sample_shuffle_indices()
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset: JamDocuments) -> int:

@@ -245,9 +245,6 @@ def validate_args(args: argparse.Namespace):
     if args.bf16 and not torch.cuda.is_available():
         raise ConfigError("--bf16 needs a GPU: Megatron-Core's mixed-precision optimizer keeps CUDA tensors only; "
                           "CPU runs train in fp32 (drop --bf16)")
-    if args.use_distributed_optimizer and not torch.cuda.is_available():
-        raise ConfigError("--use-distributed-optimizer needs a GPU: Megatron-Core's DistributedOptimizer keeps "
-                          "CUDA tensors only")
     if args.transformer_impl == "transformer_engine":
         from megatron_jam.models.specs import HAVE_TE
 

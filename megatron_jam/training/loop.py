@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from functools import partial
 
 import torch
@@ -170,6 +171,21 @@ class _Run:
                 self.async_queue.close()
 
 
+def _ddp_config(args, cfg) -> DistributedDataParallelConfig:
+    """Megatron-Core's DDP options from the flags. `align_param_gather` only under interleaved pipelining: it
+    hands the parameter all-gathers to the schedule, and only the interleaved schedule starts them; otherwise
+    each bucket's forward pre-hook prefetches the next bucket. JAM-Cross runs its two streams' layers
+    interleaved, an order the prefetch (registration order) does not know: some gathers start before their
+    turn, which Megatron-Core reports once per rank ("already been dispatched"); expected here, so silenced."""
+    align = args.overlap_param_gather and args.virtual_pipeline_model_parallel_size is not None
+    if args.overlap_param_gather and not align and cfg.MODEL_TYPE == "jam_cross":
+        warnings.filterwarnings("ignore", message=r"The next bucket's parameter all-gather operation has already")
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+        align_param_gather=align, bucket_size=args.ddp_bucket_size)
+
+
 def _build(args, cfg):
     from megatron.core.transformer.enums import AttnBackend
 
@@ -180,10 +196,7 @@ def _build(args, cfg):
         model_class(cfg), cfg,
         parallel_kwargs(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         args.virtual_pipeline_model_parallel_size, args.sequence_parallel, args.bf16, **extra),
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
-            overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
-            align_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size),
+        ddp_config=_ddp_config(args, cfg),
         use_te=args.transformer_impl == "transformer_engine")
     log_rank0(logger, "%s: %.3fM parameters; TP=%d PP=%d DP=%d SP=%s; %d micro-batches of %d; attention %s",
               kind_of(cfg).describe(cfg), model_params(cfg) / 1e6, args.tensor_model_parallel_size,

@@ -46,6 +46,9 @@ EXPECTED = {
     "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32": [
         "parameters", "max_norm", "total_norm", "use_decoupled_grad"],
     "torch.utils._device:_device_constructors": [],
+    # megatron_jam/platform.py: the distributed optimizer's parameter sorting, run with CPU tensors typed as CUDA
+    "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer._build_model_and_main_param_groups": [
+        "gbuf_ranges", "param_gbuf_map", "opt_group_ranges", "config"],
     # megatron_jam/utils/safe_checkpoint.py: the swapped reader and planner of the torch_dist strategy
     "megatron.core.dist_checkpointing.strategies.torch:_get_filesystem_reader": ["checkpoint_dir", "cache_metadata"],
     "megatron.core.dist_checkpointing.strategies.torch:MCoreLoadPlanner": "class",

@@ -58,7 +58,8 @@ class JamDotProductAttention(DotProductAttention):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [b, heads, s, hn]
         mask, causal = None, False
         if attention_mask is not None:  # boolean (True = masked), or already additive (the decoder's, per step)
-            mask = additive_mask(attention_mask, q.dtype) if attention_mask.dtype == torch.bool else attention_mask
+            mask = additive_mask(attention_mask, q.dtype) if attention_mask.dtype == torch.bool \
+                else attention_mask.to(q.dtype)  # SDPA wants the query's dtype (no-op when it already is)
         elif (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and q.shape[2] > 1:
             causal = True  # top-left aligned, as Megatron's default causal mask (sq == sk here)
         dropout = self.attention_dropout.p if self.training else 0.0

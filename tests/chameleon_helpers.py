@@ -10,6 +10,10 @@ shuffled code order, only the reserved tokens the family uses plus a block from
 `<reserved08900>` exist, and the BPE is trained on a few sentences; every lookup
 by token string is Chameleon's. config.json carries `vocabulary_map` (the whole
 vocabulary, `<image>` included) as transformers' conversion writes it.
+
+Also a tiny random Chameleon parent model (`make_chameleon`: a Llama body with
+per-head q/k LayerNorm plus a VQ encoder, saved with `save_pretrained`), shared by
+the Chameleon conversion and the generation tests.
 """
 
 import json
@@ -78,3 +82,28 @@ def token_id(folder: str, token: str) -> int:
     from tokenizers import Tokenizer
 
     return int(Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).token_to_id(token))
+
+
+# ------------------------------------------------------------------ a tiny Chameleon parent model
+PARENT_VOCAB, PARENT_TEXT_ROWS = 100, 60
+"""Vocabulary rows of `make_chameleon`'s parents (by default) and where their image codes begin."""
+PARENT_BODY = dict(vocab_size=PARENT_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+PARENT_VQ = dict(embed_dim=8, num_embeddings=16, latent_channels=8, resolution=16, base_channels=32,
+                 channel_multiplier=[1, 2], num_res_blocks=1)
+PARENT_VOCABULARY_MAP = ({f"IMGIMG{chr(65 + i)}Z": PARENT_TEXT_ROWS + 3 * i for i in range(10)}
+                         | {"<image>": PARENT_VOCAB - 1})
+
+
+def make_chameleon(path, seed=0, **body):
+    """A random ChameleonForConditionalGeneration saved with save_pretrained (norms and biases perturbed)."""
+    import torch
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    from parent_helpers import perturb
+
+    torch.manual_seed(seed)
+    cfg = ChameleonConfig(**(PARENT_BODY | body), vq_config=PARENT_VQ, vocabulary_map=PARENT_VOCABULARY_MAP)
+    model = perturb(ChameleonForConditionalGeneration(cfg))
+    model.save_pretrained(path)
+    return model

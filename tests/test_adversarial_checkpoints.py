@@ -117,11 +117,11 @@ def test_planted_byte_item_is_refused(run, tmp_path, capsys):
 
 
 def test_planted_pickle_is_refused_by_evaluate(run, tmp_path, capsys):
-    from test_evaluate import _docs, _write_dataset
+    from eval_helpers import eval_docs, write_documents
 
     ckpt, marker = _copy(run, tmp_path), tmp_path / "ran"
     _plant_metadata(ckpt, marker)
-    _write_dataset(str(tmp_path / "mm"), _docs())
+    write_documents(str(tmp_path / "mm"), eval_docs())
     argv = ["--load", str(ckpt), "--data-path", str(tmp_path / "mm"), "--seq-length", "8"]
     assert load_tool("evaluate").main(argv) == 2
     assert ".metadata: refused to load" in _error(capsys)
@@ -343,7 +343,7 @@ def test_save_that_is_a_file_or_unwritable(single_rank, tmp_path, capsys):
 
 
 def test_truncated_safetensors_parent(single_rank, tmp_path, capsys):
-    from test_convert import make_llama
+    from parent_helpers import make_llama
 
     make_llama(tmp_path / "hf", seed=3)
     f = tmp_path / "hf" / "model.safetensors"
@@ -357,7 +357,7 @@ def test_truncated_safetensors_parent(single_rank, tmp_path, capsys):
 def test_parent_with_nan_or_inf_is_refused(single_rank, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from test_convert import make_llama
+    from parent_helpers import make_llama
 
     make_llama(tmp_path / "hf", seed=4)
     f = tmp_path / "hf" / "model.safetensors"

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from chameleon_helpers import CODEBOOK, make_chameleon_model_folder
-from test_convert import _perturb
+from parent_helpers import perturb
 from tool_loader import load_tool
 
 SEQ = 96
@@ -42,7 +42,7 @@ def make_parent(folder, seed, tokenizer_from=None):
     torch.manual_seed(seed)
     cfg = ChameleonConfig(**BODY, vocab_size=len(vocab), vq_config=VQ, vocabulary_map=vocab, bos_token_id=0,
                           pad_token_id=1, eos_token_id=2, initializer_range=0.2)
-    model = _perturb(ChameleonForConditionalGeneration(cfg))
+    model = perturb(ChameleonForConditionalGeneration(cfg))
     model.save_pretrained(folder)
     return model
 

@@ -27,6 +27,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from chameleon_helpers import CODEBOOK, code_order, make_chameleon_model_folder, token_id
+from decoding_helpers import PADDED, RandomStepper, padded_config
 from megatron_jam.data.chameleon_vocab import chameleon_layout
 from megatron_jam.data.cm3 import CM3Config, cm3_restore, cm3_transform
 from megatron_jam.data.documents import IMAGE, TEXT, build_sequences, split_segments
@@ -36,7 +37,6 @@ from megatron_jam.data.vocab import VocabLayout, VocabLayoutError, load_layout
 from megatron_jam.inference.decoding import InterleavedGenerator
 from megatron_jam.inference.render import segments
 from megatron_jam.inference.sampling import SamplingParams
-from test_image_format import PADDED, RandomStepper, _Cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -276,7 +276,7 @@ def test_random_logits_give_well_formed_images(layout, seed, max_new, lens, cfg,
     if image_first:
         prompts[0] = prompts[0] + [layout.break_id]
         max_new = max(max_new, layout.format.image_length(layout.format.default_grid) - 1)
-    gen = InterleavedGenerator(None, _Cfg(layout.vocab_size), layout, stepper=RandomStepper(seed, bias))
+    gen = InterleavedGenerator(None, padded_config(layout.vocab_size), layout, stepper=RandomStepper(seed, bias))
     outs = gen.generate(prompts, SamplingParams(cfg_scale=cfg, seed=seed), max_new)
     for p, out in zip(prompts, outs):
         check_document(layout, out.ids, p[-1] == layout.break_id, min(max_new, 96 - len(p)))
@@ -287,7 +287,7 @@ def test_an_image_that_cannot_be_finished_is_never_started(layout):
     bias = torch.full((PADDED,), -50.0)
     bias[layout.break_id] = 50.0
     for budget in range(1, 2 * n + 2):
-        gen = InterleavedGenerator(None, _Cfg(layout.vocab_size), layout, stepper=RandomStepper(0, bias))
+        gen = InterleavedGenerator(None, padded_config(layout.vocab_size), layout, stepper=RandomStepper(0, bias))
         ids = gen.generate([[200, 201]], SamplingParams(seed=1), budget)[0].ids
         assert ids.count(layout.break_id) == budget // n
         check_document(layout, ids, False, budget)

@@ -2,7 +2,7 @@
 JAM-Uniform / JAM-Width / JAM-Cross weights and step-0 behaviour, and every promised error.
 
 Parents are tiny random `LlamaForCausalLM` (GQA) / `OPTForCausalLM` models saved with
-`save_pretrained` (safetensors); norms and biases are perturbed so that a swapped or
+`save_pretrained` (safetensors; tests/parent_helpers.py); norms and biases are perturbed so that a swapped or
 forgotten tensor cannot hide behind an init of ones or zeros.
 """
 
@@ -14,77 +14,8 @@ import pytest
 import torch
 
 from megatron_jam.convert.common import EMB, FC1_W, OUT, QKV_W, ConvertError, split_qkv
-
-V, S = 100, 12
-
-
-def _perturb(model):
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n or n.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
-def make_llama(path, seed=0, vocab=V, tied=False, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      rms_norm_eps=1e-5, tie_word_embeddings=tied, **kw)
-    model = _perturb(LlamaForCausalLM(cfg))
-    model.save_pretrained(path)
-    return model
-
-
-def make_opt(path, seed=0, vocab=V, **kw):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0) | kw
-    model = _perturb(OPTForCausalLM(OPTConfig(**kw)))
-    model.save_pretrained(path)
-    return model
-
-
-MAKERS = {"llama": make_llama, "opt": make_opt}
-
-
-def convert(method, save, *load, **kw):
-    from megatron_jam.convert.pipeline import ConvertOptions, convert as run
-
-    return run(ConvertOptions(method=method, load=tuple(str(p) for p in load), save=str(save), **kw))
-
-
-def _ids(lo=0, hi=V, b=2, s=S, seed=0):
-    return torch.randint(lo, hi, (b, s), generator=torch.Generator().manual_seed(seed))
-
-
-def load_logits(path, ids, tp=1):
-    """Logits [b, s, V] of a converted checkpoint at TP=tp (this rank's world)."""
-    from megatron_jam.convert.checkpoint import load_checkpoint
-    from megatron_jam.models.kinds import load_model_config, model_class
-    from megatron_jam.parallel.initialize import initialize_model_parallel
-    from megatron_jam.parallel.model import build_model_chunks, parallel_kwargs
-
-    initialize_model_parallel(tp=tp, seed=99)
-    cfg = load_model_config(path)
-    chunks = build_model_chunks(model_class(cfg), cfg, parallel_kwargs(tp=tp), wrap_ddp=False,
-                                parallel_output=False)
-    load_checkpoint(chunks, path)
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    with torch.no_grad():
-        return chunks[0].eval()(ids, pos)[..., : cfg.vocab_size]
-
-
-def _state(path):
-    from megatron_jam.convert.checkpoint import ensure_single_rank, load_state_on_one_rank
-    from megatron_jam.models.kinds import load_model_config
-
-    ensure_single_rank()
-    return load_state_on_one_rank(str(path), load_model_config(str(path)))
+from parent_helpers import (MAKERS, S, V, convert, folder_tensors, hf_logits, load_logits, make_llama, make_opt,
+                            no_output, rewrite_safetensors, state_of, token_ids, tp2_logits)
 
 
 def _hf_from_folder(cls, path):
@@ -93,24 +24,8 @@ def _hf_from_folder(cls, path):
     from transformers import AutoConfig
 
     model = cls(AutoConfig.from_pretrained(path))
-    model.load_state_dict(_folder_tensors(path), strict=False)
+    model.load_state_dict(folder_tensors(path), strict=False)
     return model.eval()
-
-
-def _folder_tensors(path):
-    """Every tensor of a HF folder's safetensors files (one file or shards)."""
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out |= load_file(os.path.join(path, f))
-    return out
-
-
-def _hf_logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 # ------------------------------------------------------------------ import parity
@@ -135,19 +50,15 @@ def imported(tmp_path_factory):
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_import_matches_transformers_at_tp1(single_rank, imported, family):
     _, model, ckpt = imported[family]
-    ids = _ids()
-    torch.testing.assert_close(load_logits(str(ckpt), ids), _hf_logits(model, ids), rtol=0, atol=1e-4)
-
-
-def _tp2_logits(path, ids):
-    return load_logits(path, ids, tp=2)
+    ids = token_ids()
+    torch.testing.assert_close(load_logits(str(ckpt), ids), hf_logits(model, ids), rtol=0, atol=1e-4)
 
 
 def test_import_matches_transformers_at_tp2(pool2, imported):
-    ids = _ids(seed=1)
+    ids = token_ids(seed=1)
     for family, (_, model, ckpt) in imported.items():
-        for got in pool2.run(_tp2_logits, str(ckpt), ids):
-            torch.testing.assert_close(got, _hf_logits(model, ids), rtol=0, atol=1e-4, msg=family)
+        for got in pool2.run(tp2_logits, str(ckpt), ids):
+            torch.testing.assert_close(got, hf_logits(model, ids), rtol=0, atol=1e-4, msg=family)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -159,7 +70,7 @@ def test_export_gives_back_the_original_tensors(single_rank, imported, tmp_path,
 
     hf_dir, _, ckpt = imported[family]
     export_hf(str(ckpt), str(tmp_path / "hf"))
-    a, b = load_file(hf_dir / "model.safetensors"), _folder_tensors(tmp_path / "hf")
+    a, b = load_file(hf_dir / "model.safetensors"), folder_tensors(tmp_path / "hf")
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -173,7 +84,7 @@ def test_megatron_checkpoint_is_a_parent(single_rank, imported, tmp_path):
     other = make_llama(tmp_path / "b", seed=5)
     convert("uniform", tmp_path / "u_hf", hf_dir, tmp_path / "b")
     convert("uniform", tmp_path / "u_mg", ckpt, tmp_path / "b")
-    a, b = _state(tmp_path / "u_hf"), _state(tmp_path / "u_mg")
+    a, b = state_of(tmp_path / "u_hf"), state_of(tmp_path / "u_mg")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     del other
 
@@ -184,8 +95,8 @@ def test_megatron_checkpoint_is_a_parent(single_rank, imported, tmp_path):
 def test_uniform_of_a_model_with_itself_reproduces_it(single_rank, imported, tmp_path):
     hf_dir, model, _ = imported["llama"]
     convert("uniform", tmp_path / "u", hf_dir, hf_dir)
-    ids = _ids(seed=2)
-    torch.testing.assert_close(load_logits(str(tmp_path / "u"), ids), _hf_logits(model, ids), rtol=0, atol=1e-4)
+    ids = token_ids(seed=2)
+    torch.testing.assert_close(load_logits(str(tmp_path / "u"), ids), hf_logits(model, ids), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -195,7 +106,7 @@ def test_uniform_weights_are_eq1(single_rank, tmp_path, family):
     convert("import", tmp_path / "ma", tmp_path / "a")
     convert("import", tmp_path / "mb", tmp_path / "b")
     convert("uniform", tmp_path / "u", tmp_path / "a", tmp_path / "b", llm_weight=0.3)
-    a, b, u = _state(tmp_path / "ma"), _state(tmp_path / "mb"), _state(tmp_path / "u")
+    a, b, u = state_of(tmp_path / "ma"), state_of(tmp_path / "mb"), state_of(tmp_path / "u")
     for k, t in u.items():
         if k in (EMB, OUT):
             torch.testing.assert_close(t[:V], 0.3 * a[k][:V] + 0.7 * b[k][:V], rtol=0, atol=0)
@@ -269,10 +180,10 @@ def width_ckpts(tmp_path_factory):
 
 
 def test_width_tp2_logits_equal_tp1(single_rank, pool2, width_ckpts):
-    ids = _ids(seed=3)
+    ids = token_ids(seed=3)
     for fam, ckpt in width_ckpts.items():
         ref = load_logits(str(ckpt), ids)
-        for got in pool2.run(_tp2_logits, str(ckpt), ids):
+        for got in pool2.run(tp2_logits, str(ckpt), ids):
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-5, msg=fam)
 
 
@@ -284,8 +195,8 @@ def test_width_exports_as_a_wider_model(single_rank, width_ckpts, tmp_path):
     export_hf(str(width_ckpts["llama"]), str(tmp_path / "hf"))
     model = _hf_from_folder(LlamaForCausalLM, tmp_path / "hf")
     assert model.config.hidden_size == 64 and model.config.num_key_value_heads == 4
-    ids = _ids(seed=4)
-    torch.testing.assert_close(_hf_logits(model, ids), load_logits(str(width_ckpts["llama"]), ids),
+    ids = token_ids(seed=4)
+    torch.testing.assert_close(hf_logits(model, ids), load_logits(str(width_ckpts["llama"]), ids),
                                rtol=0, atol=1e-4)
 
 
@@ -305,7 +216,7 @@ def test_cross_streams_reproduce_parents_at_step0(single_rank, tmp_path, llm_fam
     load_checkpoint([model], str(tmp_path / "x"))
     model.eval()
     pos = torch.arange(S).expand(2, S)
-    text, image = _ids(0, V, seed=5), _ids(V, V + 60, seed=6)  # rows from the LLM / from the image model
+    text, image = token_ids(0, V, seed=5), token_ids(V, V + 60, seed=6)  # rows from the LLM / from the image model
     with torch.no_grad():
         h_llm = model.forward_streams(text, pos)[0].transpose(0, 1)
         h_img = model.forward_streams(image, pos)[1].transpose(0, 1)
@@ -319,17 +230,12 @@ def test_cross_streams_reproduce_parents_at_step0(single_rank, tmp_path, llm_fam
 # ------------------------------------------------------------------ errors
 
 
-def _no_output(tmp_path, name):
-    assert not os.path.exists(tmp_path / name), "a failed conversion must leave no output folder"
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(name + ".tmp-")]
-
-
 def test_uniform_refuses_different_architectures(single_rank, tmp_path):
     make_llama(tmp_path / "a")
     make_opt(tmp_path / "b")
     with pytest.raises(ConvertError, match="same architecture.*family: llm='llama', img='opt'"):
         convert("uniform", tmp_path / "out", tmp_path / "a", tmp_path / "b")
-    _no_output(tmp_path, "out")
+    no_output(tmp_path, "out")
 
 
 def test_cross_refuses_different_widths(single_rank, tmp_path):
@@ -339,29 +245,22 @@ def test_cross_refuses_different_widths(single_rank, tmp_path):
         convert("cross", tmp_path / "out", tmp_path / "a", tmp_path / "b")
 
 
-def _rewrite_safetensors(path, fn):
-    from safetensors.torch import load_file, save_file
-
-    f = path / "model.safetensors"
-    save_file(fn(load_file(f)), f, metadata={"format": "pt"})
-
-
 def test_missing_tensor_is_named_and_nothing_is_written(single_rank, tmp_path):
     make_llama(tmp_path / "a")
     key = "model.layers.1.mlp.up_proj.weight"
-    _rewrite_safetensors(tmp_path / "a", lambda sd: {k: v for k, v in sd.items() if k != key})
+    rewrite_safetensors(tmp_path / "a", lambda sd: {k: v for k, v in sd.items() if k != key})
     with pytest.raises(ConvertError, match=f"tensor {key} is missing"):
         convert("import", tmp_path / "out", tmp_path / "a")
-    _no_output(tmp_path, "out")
+    no_output(tmp_path, "out")
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(single_rank, tmp_path):
     make_llama(tmp_path / "a")
     key = "model.layers.0.self_attn.k_proj.weight"
-    _rewrite_safetensors(tmp_path / "a", lambda sd: sd | {key: torch.zeros(24, 32)})
+    rewrite_safetensors(tmp_path / "a", lambda sd: sd | {key: torch.zeros(24, 32)})
     with pytest.raises(ConvertError, match=rf"tensor {key} has shape \(24, 32\).*\(16, 32\)"):
         convert("import", tmp_path / "out", tmp_path / "a")
-    _no_output(tmp_path, "out")
+    no_output(tmp_path, "out")
 
 
 def test_parents_with_different_layer_shapes_name_the_tensor(single_rank, tmp_path):
@@ -432,7 +331,7 @@ def test_cli_errors_exit_2_and_leave_nothing(single_rank, tmp_path, capsys):
     assert tool.main(["--method", "import", "--load", str(tmp_path / "a"), "--save", str(tmp_path / "out"),
                       "--target-tensor-parallel-size", "3"]) == 2
     assert "num_attention_heads=4 is not divisible by tensor-model-parallel-size=3" in capsys.readouterr().err
-    _no_output(tmp_path, "out")
+    no_output(tmp_path, "out")
     os.makedirs(tmp_path / "full")
     (tmp_path / "full" / "x").write_text("x")
     assert tool.main(["--method", "import", "--load", str(tmp_path / "a"), "--save", str(tmp_path / "full")]) == 2

@@ -15,30 +15,15 @@ import shutil
 
 import pytest
 import torch
-from test_convert import _folder_tensors, _ids, _perturb, _rewrite_safetensors, _state, convert, load_logits
-from test_evaluate import SEQ, _docs, _expected, _write_dataset
-from tool_loader import load_tool
 
+from chameleon_helpers import PARENT_VOCABULARY_MAP, PARENT_VQ, make_chameleon
+from eval_helpers import SEQ, eval_docs, expected_perplexity, write_documents
 from megatron_jam.convert.common import ConvertError
+from parent_helpers import convert, folder_tensors, load_logits, rel, rewrite_safetensors, state_of, token_ids
+from tool_loader import load_tool
 
 V, S, T = 100, 12, 60
 """Vocabulary rows, sequence length, and the text rows of the cross test (codes at [T, V))."""
-BODY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
-VQ = dict(embed_dim=8, num_embeddings=16, latent_channels=8, resolution=16, base_channels=32,
-          channel_multiplier=[1, 2], num_res_blocks=1)
-VOCABULARY_MAP = {f"IMGIMG{chr(65 + i)}Z": T + 3 * i for i in range(10)} | {"<image>": V - 1}
-
-
-def make_chameleon(path, seed=0, **body):
-    """A random ChameleonForConditionalGeneration saved with save_pretrained (norms and biases perturbed)."""
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
-
-    torch.manual_seed(seed)
-    cfg = ChameleonConfig(**(BODY | body), vq_config=VQ, vocabulary_map=VOCABULARY_MAP)
-    model = _perturb(ChameleonForConditionalGeneration(cfg))
-    model.save_pretrained(path)
-    return model
 
 
 def _from_pretrained(path):
@@ -66,10 +51,6 @@ def _hf_logits(model, ids):
     return RawLM(model)(ids).logits
 
 
-def _rel(got, ref) -> float:
-    return ((got - ref).abs().max() / ref.abs().max()).item()
-
-
 @pytest.fixture(scope="module")
 def parents(tmp_path_factory):
     """{'pre' | 'swin': (hf folder, hf model, folder imported by tools/convert_checkpoint.py)} + shards."""
@@ -85,13 +66,13 @@ def parents(tmp_path_factory):
         assert tool.main(["--method", "import", "--load", str(root / kind), "--save", str(root / f"mg_{kind}"),
                           "--seq-length", str(SEQ)]) == 0
         out[kind] = (root / kind, model, root / f"mg_{kind}")
-    _write_dataset(str(root / "mm"), _docs())
+    write_documents(str(root / "mm"), eval_docs())
     return root, out
 
 
 def test_hf_names_and_per_head_norms_are_what_the_converter_reads(parents):
     _, found = parents
-    keys = set(_folder_tensors(found["pre"][0]))
+    keys = set(folder_tensors(found["pre"][0]))
     assert {"model.layers.1.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.bias",
             "model.vqmodel.quantize.embedding.weight", "lm_head.weight"} <= keys
     q = found["pre"][1].model.layers[0].self_attn.q_norm.weight
@@ -114,7 +95,7 @@ def _evaluate_tp2(load, prefix):
 def test_perplexity_equals_transformers_at_tp1_and_tp2(single_rank, pool2, parents, kind):
     root, found = parents
     _, model, ckpt = found[kind]
-    want = _expected(RawLM(model), _docs())
+    want = expected_perplexity(RawLM(model), eval_docs())
     errors = {"tp1": max(abs(_evaluate(ckpt, str(root / "mm"))[k] - want[k]) / want[k] for k in want)}
     for rank, ppl in enumerate(pool2.run(_evaluate_tp2, str(ckpt), str(root / "mm"))):
         errors[f"tp2 rank {rank}"] = max(abs(ppl[k] - want[k]) / want[k] for k in want)
@@ -124,9 +105,9 @@ def test_perplexity_equals_transformers_at_tp1_and_tp2(single_rank, pool2, paren
 
 def test_imported_logits_equal_transformers(single_rank, parents):
     for kind, (_, model, ckpt) in parents[1].items():
-        ids = _ids()
-        assert _rel(load_logits(str(ckpt), ids), _hf_logits(model, ids)) < 1e-4, kind
-    state = _state(parents[1]["swin"][2])
+        ids = token_ids()
+        assert rel(load_logits(str(ckpt), ids), _hf_logits(model, ids)) < 1e-4, kind
+    state = state_of(parents[1]["swin"][2])
     assert "decoder.layers.0.self_attention.linear_proj.norm.weight" in state
     assert not any("input_layernorm" in k for k in state), "the swin layer has no pre-norms"
 
@@ -141,13 +122,13 @@ def test_norms_stored_per_model_parallel_shard_import_as_transformers_expands_th
                 for t in (norm.weight, norm.bias):
                     t.copy_(t[::t.shape[0] // 2].repeat_interleave(t.shape[0] // 2, dim=0))
     model.save_pretrained(tmp_path / "a")
-    _rewrite_safetensors(tmp_path / "a", lambda sd: {
+    rewrite_safetensors(tmp_path / "a", lambda sd: {
         k: (v[:: v.shape[0] // 2].clone() if "_norm." in k and "self_attn" in k else v) for k, v in sd.items()})
-    assert _folder_tensors(tmp_path / "a")["model.layers.0.self_attn.q_norm.weight"].shape == (2, 8)
+    assert folder_tensors(tmp_path / "a")["model.layers.0.self_attn.q_norm.weight"].shape == (2, 8)
     convert("import", tmp_path / "mg", tmp_path / "a")
-    ids = _ids(seed=4)
-    assert _rel(load_logits(str(tmp_path / "mg"), ids), _hf_logits(model, ids)) < 1e-4
-    _rewrite_safetensors(tmp_path / "a", lambda sd: {
+    ids = token_ids(seed=4)
+    assert rel(load_logits(str(tmp_path / "mg"), ids), _hf_logits(model, ids)) < 1e-4
+    rewrite_safetensors(tmp_path / "a", lambda sd: {
         k: (v[:1].clone() if k == "model.layers.1.self_attn.k_norm.weight" else v) for k, v in sd.items()})
     with pytest.raises(ConvertError, match=r"model.layers.1.self_attn.k_norm.weight has 1 rows.*model_parallel_size=2"):
         convert("import", tmp_path / "mg2", tmp_path / "a")
@@ -158,12 +139,12 @@ def test_export_round_trip(single_rank, parents, tmp_path):
 
     for kind, (hf_dir, model, ckpt) in parents[1].items():
         export_hf(str(ckpt), str(tmp_path / kind))
-        a, b = _folder_tensors(hf_dir), _folder_tensors(tmp_path / kind)
+        a, b = folder_tensors(hf_dir), folder_tensors(tmp_path / kind)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), kind
         back = _from_pretrained(tmp_path / kind)
-        assert back.config.swin_norm == (kind == "swin") and back.config.vocabulary_map == VOCABULARY_MAP
-        ids = _ids(seed=2)
-        assert _rel(_hf_logits(back, ids), _hf_logits(model, ids)) < 1e-4
+        assert back.config.swin_norm == (kind == "swin") and back.config.vocabulary_map == PARENT_VOCABULARY_MAP
+        ids = token_ids(seed=2)
+        assert rel(_hf_logits(back, ids), _hf_logits(model, ids)) < 1e-4
 
 
 # ------------------------------------------------------------------ JAM-Width: per-head norms of both parents
@@ -197,7 +178,7 @@ def test_width_of_two_chameleons_is_exact_under_tp2_and_sp(single_rank, pool2, p
     convert("width", tmp_path / "w", hf_a, tmp_path / "b", width_init="average", seq_length=SEQ)
     q_a, q_b = (m.model.layers[0].self_attn.q_norm.weight.detach() for m in (model_a, model_b))
     k_a, k_b = (m.model.layers[0].self_attn.k_norm.bias.detach() for m in (model_a, model_b))
-    state = _state(tmp_path / "w")
+    state = state_of(tmp_path / "w")
     assert torch.equal(state["decoder.layers.0.self_attention.q_layernorm.weight"], torch.cat([q_a, q_b]))
     assert torch.equal(state["decoder.layers.0.self_attention.k_layernorm.bias"], torch.cat([k_a, k_b]))
     assert [torch.equal(w, q) for w, q in zip(pool2.run(_local_q_norm, str(tmp_path / "w")), (q_a, q_b))] == [True] * 2
@@ -223,14 +204,14 @@ def test_cross_streams_reproduce_both_chameleon_parents_at_step0(single_rank, pa
     load_checkpoint([model], str(tmp_path / "x"))
     model.eval()
     pos = torch.arange(S).expand(2, S)
-    text, image = _ids(0, T, seed=5), _ids(T, V, seed=6)
+    text, image = token_ids(0, T, seed=5), token_ids(T, V, seed=6)
     with torch.no_grad():
         h_llm = model.forward_streams(text, pos)[0].transpose(0, 1)
         h_img = model.forward_streams(image, pos)[1].transpose(0, 1)
-        assert _rel(h_llm, chat.model(text).last_hidden_state) < 1e-4
-        assert _rel(h_img, gen.model(image).last_hidden_state) < 1e-4
+        assert rel(h_llm, chat.model(text).last_hidden_state) < 1e-4
+        assert rel(h_img, gen.model(image).last_hidden_state) < 1e-4
     vq = json.loads((tmp_path / "x" / "image_tokenizer" / "config.json").read_text())
-    assert vq["model_type"] == "chameleon_vqgan" and vq["num_embeddings"] == VQ["num_embeddings"]
+    assert vq["model_type"] == "chameleon_vqgan" and vq["num_embeddings"] == PARENT_VQ["num_embeddings"]
 
 
 def test_swin_and_pre_norm_parents_are_refused_for_width(single_rank, parents, tmp_path):

@@ -6,7 +6,7 @@ writes the public `-hf` layout (`text_model.model.*`, `text_model.lm_head.weight
 `lm_head.weight`, `model.vqmodel.*`). Checked: logits of the imported model against
 transformers at TP=1 and TP=2, export -> `from_pretrained` round trips (import, uniform,
 width), the extracted VQ folder against the original VQ-VAE's encode, JAM-Cross streams at
-step 0, and the errors. Helpers come from tests/test_convert.py.
+step 0, and the errors. Helpers come from tests/parent_helpers.py and tests/emu3_helpers.py.
 """
 
 import contextlib
@@ -17,41 +17,15 @@ import re
 
 import pytest
 import torch
-from test_convert import _folder_tensors, _ids, _no_output, _perturb, _rewrite_safetensors, _state, _tp2_logits
-from test_convert import convert, load_logits, make_llama
 
+from emu3_helpers import PARENT_VQ, make_emu3
 from megatron_jam.convert.common import ConvertError
+from parent_helpers import (convert, folder_tensors, hf_logits, load_logits, make_llama, no_output, rel,
+                            rewrite_safetensors, state_of, token_ids, tp2_logits)
 
 V, S, T = 100, 12, 60
 """Vocabulary rows, sequence length, and the text rows of the cross test (codes at [T, V))."""
-TEXT = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2)
-VQ = dict(codebook_size=16, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
-          num_res_blocks=1, attn_resolutions=[], hidden_size=32, num_attention_heads=1)
 VQ_FILE_KEY = "vqmodel.quantize.embedding.weight"
-
-
-def make_emu3(path, seed=0, vq=True, **text):
-    """A random Emu3ForConditionalGeneration saved with save_pretrained (norms and biases perturbed)."""
-    from transformers import Emu3Config, Emu3ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    cfg = Emu3Config(text_config=TEXT | text, vq_config=VQ, vocabulary_map={"<image>": V - 1})
-    model = _perturb(Emu3ForConditionalGeneration(cfg))
-    model.save_pretrained(path)
-    if not vq:
-        _rewrite_safetensors(path, lambda sd: {k: v for k, v in sd.items() if not k.startswith("vqmodel.")})
-    return model
-
-
-def _rel(got, ref) -> float:
-    return ((got - ref).abs().max() / ref.abs().max()).item()
-
-
-def _hf_logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def _from_pretrained(path):
@@ -97,7 +71,7 @@ def emu3(tmp_path_factory):
 
 
 def test_save_pretrained_writes_the_hub_layout(emu3):
-    keys = set(_folder_tensors(emu3[0]))
+    keys = set(folder_tensors(emu3[0]))
     assert {"text_model.model.embed_tokens.weight", "text_model.lm_head.weight", "text_model.model.norm.weight",
             "text_model.model.layers.1.self_attn.q_proj.weight", VQ_FILE_KEY} <= keys
     assert not [k for k in keys if k.startswith(("model.", "lm_head."))]
@@ -105,8 +79,8 @@ def test_save_pretrained_writes_the_hub_layout(emu3):
 
 def test_import_matches_transformers_at_tp1(single_rank, emu3):
     _, model, ckpt, _ = emu3
-    ids = _ids()
-    assert _rel(load_logits(str(ckpt), ids), _hf_logits(model, ids)) < 1e-4
+    ids = token_ids()
+    assert rel(load_logits(str(ckpt), ids), hf_logits(model, ids)) < 1e-4
     record = json.loads((ckpt / "conversion.json").read_text())
     assert record["hf_config"]["model_type"] == "emu3" and record["vocab"]["vocab_size"] == V
     assert record["parents"][0].startswith("hf:Emu3ForConditionalGeneration:")
@@ -114,23 +88,23 @@ def test_import_matches_transformers_at_tp1(single_rank, emu3):
 
 def test_import_and_width_match_at_tp2(single_rank, pool2, emu3, tmp_path):
     _, model, ckpt, _ = emu3
-    ids = _ids(seed=1)
-    for got in pool2.run(_tp2_logits, str(ckpt), ids):
-        assert _rel(got, _hf_logits(model, ids)) < 1e-4
+    ids = token_ids(seed=1)
+    for got in pool2.run(tp2_logits, str(ckpt), ids):
+        assert rel(got, hf_logits(model, ids)) < 1e-4
     make_emu3(tmp_path / "b", seed=7)
     convert("width", tmp_path / "w", emu3[0], tmp_path / "b", width_init="average")
     ref = load_logits(str(tmp_path / "w"), ids)
-    for got in pool2.run(_tp2_logits, str(tmp_path / "w"), ids):
-        assert _rel(got, ref) < 1e-5
+    for got in pool2.run(tp2_logits, str(tmp_path / "w"), ids):
+        assert rel(got, ref) < 1e-5
 
 
 def test_in_memory_key_names_import_the_same(single_rank, emu3, tmp_path):
     hf_dir, model, ckpt, _ = emu3
     make_emu3(tmp_path / "a")
     names = {k: v.detach().clone() for k, v in model.state_dict().items()}  # model.text_model.*, lm_head.*
-    _rewrite_safetensors(tmp_path / "a", lambda sd: names)
+    rewrite_safetensors(tmp_path / "a", lambda sd: names)
     convert("import", tmp_path / "mg", tmp_path / "a")
-    a, b = _state(ckpt), _state(tmp_path / "mg")
+    a, b = state_of(ckpt), state_of(tmp_path / "mg")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "mg" / "image_tokenizer" / "model.safetensors").exists()
 
@@ -162,12 +136,12 @@ def test_export_round_trip(single_rank, emu3, tmp_path):
     with _log_lines() as lines:
         export_hf(str(ckpt), str(tmp_path / "hf"))
     assert any("back as vqmodel.*" in line for line in lines), lines
-    a, b = _folder_tensors(hf_dir), _folder_tensors(tmp_path / "hf")
+    a, b = folder_tensors(hf_dir), folder_tensors(tmp_path / "hf")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "export gives back every tensor"
     back = _from_pretrained(tmp_path / "hf")
-    ids = _ids(seed=2)
-    assert _rel(_hf_logits(back, ids), _hf_logits(model, ids)) < 1e-4
-    assert back.config.vq_config.codebook_size == VQ["codebook_size"]
+    ids = token_ids(seed=2)
+    assert rel(hf_logits(back, ids), hf_logits(model, ids)) < 1e-4
+    assert back.config.vq_config.codebook_size == PARENT_VQ["codebook_size"]
 
 
 def test_without_vq_tensors_import_and_export_say_so(single_rank, tmp_path):
@@ -181,8 +155,8 @@ def test_without_vq_tensors_import_and_export_say_so(single_rank, tmp_path):
     with _log_lines() as lines:
         export_hf(str(tmp_path / "mg"), str(tmp_path / "hf"))
     assert any("no vqmodel.* tensors" in line for line in lines), lines
-    ids = _ids(seed=3)
-    assert _rel(_hf_logits(_from_pretrained(tmp_path / "hf"), ids), _hf_logits(model, ids)) < 1e-4
+    ids = token_ids(seed=3)
+    assert rel(hf_logits(_from_pretrained(tmp_path / "hf"), ids), hf_logits(model, ids)) < 1e-4
 
 
 # ------------------------------------------------------------------ merges of two Emu3 parents
@@ -199,15 +173,15 @@ def test_merge_of_two_emu3_parents_exports_and_loads(single_rank, emu3, tmp_path
     convert(method, tmp_path / "m", hf_a, tmp_path / "b", llm_weight=0.3)
     if method == "uniform":  # eq. 1 on every tensor, the vocabulary rows included (all text rows)
         convert("import", tmp_path / "mb", tmp_path / "b")
-        a, b, u = _state(ckpt_a), _state(tmp_path / "mb"), _state(tmp_path / "m")
+        a, b, u = state_of(ckpt_a), state_of(tmp_path / "mb"), state_of(tmp_path / "m")
         assert all(torch.equal(u[k], 0.3 * a[k] + 0.7 * b[k]) for k in u)
     vq = tmp_path / "m" / "image_tokenizer" / "model.safetensors"
     assert torch.equal(load_file(vq)["quantize.embedding.weight"], model_b.model.vqmodel.quantize.embedding.weight)
     export_hf(str(tmp_path / "m"), str(tmp_path / "hf"))
     back = _from_pretrained(tmp_path / "hf")
     assert back.config.text_config.hidden_size == (64 if method == "width" else 32)
-    ids = _ids(seed=4)
-    assert _rel(_hf_logits(back, ids), load_logits(str(tmp_path / "m"), ids)) < 1e-4
+    ids = token_ids(seed=4)
+    assert rel(hf_logits(back, ids), load_logits(str(tmp_path / "m"), ids)) < 1e-4
 
 
 def test_cross_streams_reproduce_both_emu3_parents_at_step0(single_rank, emu3, tmp_path):
@@ -221,12 +195,12 @@ def test_cross_streams_reproduce_both_emu3_parents_at_step0(single_rank, emu3, t
     load_checkpoint([model], str(tmp_path / "x"))
     model.eval()
     pos = torch.arange(S).expand(2, S)
-    text, image = _ids(0, T, seed=5), _ids(T, V, seed=6)  # rows from Chat / codes from Gen
+    text, image = token_ids(0, T, seed=5), token_ids(T, V, seed=6)  # rows from Chat / codes from Gen
     with torch.no_grad():
         h_llm = model.forward_streams(text, pos)[0].transpose(0, 1)
         h_img = model.forward_streams(image, pos)[1].transpose(0, 1)
-        assert _rel(h_llm, chat.model.text_model(text).last_hidden_state) < 1e-4
-        assert _rel(h_img, gen.model.text_model(image).last_hidden_state) < 1e-4
+        assert rel(h_llm, chat.model.text_model(text).last_hidden_state) < 1e-4
+        assert rel(h_img, gen.model.text_model(image).last_hidden_state) < 1e-4
     emb = model.embedding.word_embeddings.weight
     assert torch.equal(emb[:T], chat.get_input_embeddings().weight.detach()[:T])
     assert torch.equal(emb[T:V], gen.get_input_embeddings().weight.detach()[T:])
@@ -243,17 +217,17 @@ def test_emu3_and_llama_parents_are_refused(single_rank, emu3, tmp_path, method)
                f"{tmp_path}/llama/config.json is 'llama'")
     with pytest.raises(ConvertError, match=re.escape(message)):
         convert(method, tmp_path / "out", emu3[0], tmp_path / "llama")
-    _no_output(tmp_path, "out")
+    no_output(tmp_path, "out")
 
 
 def test_missing_emu3_tensor_is_named(single_rank, tmp_path):
     make_emu3(tmp_path / "a")
     key = "text_model.model.layers.1.mlp.up_proj.weight"
-    _rewrite_safetensors(tmp_path / "a", lambda sd: {k: v for k, v in sd.items() if k != key})
+    rewrite_safetensors(tmp_path / "a", lambda sd: {k: v for k, v in sd.items() if k != key})
     with pytest.raises(ConvertError, match=f"tensor {key} is missing"):
         convert("import", tmp_path / "out", tmp_path / "a")
-    _no_output(tmp_path, "out")
-    _rewrite_safetensors(tmp_path / "a", lambda sd: {k: v for k, v in sd.items() if k.startswith("vqmodel.")})
+    no_output(tmp_path, "out")
+    rewrite_safetensors(tmp_path / "a", lambda sd: {k: v for k, v in sd.items() if k.startswith("vqmodel.")})
     with pytest.raises(ConvertError, match="no text-model tensors in an Emu3 checkpoint"):
         convert("import", tmp_path / "out", tmp_path / "a")
 

@@ -22,14 +22,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from emu3_helpers import CODE0, EOF, EOL, IMAGE_END, IMAGE_START, IMAGE_TOKEN, extra, make_emu3_tokenizer
-from test_convert import _ids, _no_output, convert, make_llama
-from test_convert_emu3 import _rel, make_emu3
 
+from emu3_helpers import CODE0, EOF, EOL, IMAGE_END, IMAGE_START, IMAGE_TOKEN, extra, make_emu3, make_emu3_tokenizer
 from megatron_jam.convert.common import ConvertError
 from megatron_jam.data.mixed_vocab import image_parent_ids, mixed_layout
 from megatron_jam.data.text_tokenizer import TextTokenizerError, check_layout, load_text_tokenizer
 from megatron_jam.data.vocab import VocabLayout, VocabLayoutError, load_layout
+from parent_helpers import convert, make_llama, no_output, rel, token_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -168,7 +167,7 @@ def test_uniform_and_width_refuse_different_tokenizers(single_rank, parents, tmp
                f"({ids[0]}), image model {gen_dir}/tokenizer.json ({ids[1]}); it {why} embedding rows id by id")
     with pytest.raises(ConvertError, match=re.escape(message)):
         convert(method, tmp_path / "out", llm_dir, gen_dir)
-    _no_output(tmp_path, "out")
+    no_output(tmp_path, "out")
 
 
 def test_cross_needs_the_mixed_layout_of_these_parents(single_rank, parents, layout_prefix, tmp_path):
@@ -184,7 +183,7 @@ def test_cross_needs_the_mixed_layout_of_these_parents(single_rank, parents, lay
     with pytest.raises(ConvertError, match="built with image_parent_tokenizer huggingface:sha256:0123456789abcdef, "
                                            f"but image model {re.escape(str(gen_dir))}/tokenizer.json"):
         convert("cross", tmp_path / "out", llm_dir, gen_dir, vocab_layout=str(tmp_path / "other.vocab.json"))
-    _no_output(tmp_path, "out")
+    no_output(tmp_path, "out")
 
 
 @pytest.fixture(scope="module")
@@ -214,16 +213,16 @@ def test_cross_streams_equal_their_parents_at_step0(single_rank, parents, layout
     assert torch.equal(emb[t:p], gen.get_input_embeddings().weight.detach()[parent_rows])
     assert not emb[p:].any(), "rows after the image part are zero (padding)"
     image = layout.format.image_ids(np.arange(6), GRID)  # a whole Emu3 image, then random image-part ids
-    image = torch.from_numpy(np.concatenate([image, np.asarray(_ids(t, p, b=1, s=2 * S - image.size, seed=3))[0]]))
+    image = torch.from_numpy(np.concatenate([image, np.asarray(token_ids(t, p, b=1, s=2 * S - image.size, seed=3))[0]]))
     image = torch.stack([image, image.flip(0)])
-    text = _ids(0, t, s=2 * S, seed=4)
+    text = token_ids(0, t, s=2 * S, seed=4)
     pos = torch.arange(2 * S).expand(2, 2 * S)
     with torch.no_grad():
         h_llm = model.forward_streams(text, pos)[0].transpose(0, 1)
         h_img = model.forward_streams(image, pos)[1].transpose(0, 1)
-        assert _rel(h_llm, llm.model(text).last_hidden_state) < 1e-4
+        assert rel(h_llm, llm.model(text).last_hidden_state) < 1e-4
         native = torch.from_numpy(image_parent_ids(layout, image.numpy()))
-        assert _rel(h_img, gen.model.text_model(native).last_hidden_state) < 1e-4
+        assert rel(h_img, gen.model.text_model(native).last_hidden_state) < 1e-4
 
 
 def test_the_generator_reads_the_mixed_layout(single_rank, parents, layout_prefix, crossed, tmp_path, capsys):
@@ -277,7 +276,7 @@ def test_an_imported_parent_keeps_its_tokenizer_identity(single_rank, parents, t
         named = f"LLM {tmp_path}/llm/{where} ({record['text_tokenizer']})"
         with pytest.raises(ConvertError, match=re.escape(named)):
             convert("width", tmp_path / "out", tmp_path / "llm", gen_dir)
-        _no_output(tmp_path, "out")
+        no_output(tmp_path, "out")
         shutil.rmtree(tmp_path / "llm" / "tokenizer", ignore_errors=True)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_jam.convert.common import EMB, ConvertError, parent_parts, part_of
-from test_convert import V, convert, make_llama, make_opt
+from parent_helpers import V, convert, make_llama, make_opt
 
 
 def _tiny_llama_config(vocab=V):
@@ -108,13 +108,13 @@ def test_bf16_conversion_stores_bf16(single_rank, tmp_path):
 
 def test_cross_new_blocks_start_as_the_model_initialises_them(single_rank, tmp_path):
     from megatron_jam.models.kinds import load_model_config
-    from test_convert import _state
+    from parent_helpers import state_of
 
     make_llama(tmp_path / "llm", seed=1)
     make_opt(tmp_path / "img", seed=2, vocab=V + 60)
     convert("cross", tmp_path / "x", tmp_path / "llm", tmp_path / "img", cross_every=1)
     cfg = load_model_config(str(tmp_path / "x"))
-    state = _state(tmp_path / "x")
+    state = state_of(tmp_path / "x")
     std = 0.02  # Megatron's init_method_std default, which the parents' configs keep
     for stream in ("llm", "img"):
         for k in range(cfg.num_cross_pairs):

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from emu3_helpers import BPE_SIZE, CODE0, CODEBOOK, EOS, extra, make_emu3_tokenizer
-from test_convert import _perturb, make_llama
-from test_evaluate import _expected
+from eval_helpers import expected_perplexity
+from parent_helpers import make_llama, perturb
 from tool_loader import load_tool
 
 V = CODE0 + CODEBOOK
@@ -55,13 +55,13 @@ def make_parent(folder, seed, vq=True, codebook=CODEBOOK):
     torch.manual_seed(seed)
     cfg = Emu3Config(text_config=TEXT | {"vocab_size": CODE0 + codebook}, vq_config=VQ | {"codebook_size": codebook},
                      vocabulary_map={"<image>": CODE0 - 1})
-    model = _perturb(Emu3ForConditionalGeneration(cfg))
+    model = perturb(Emu3ForConditionalGeneration(cfg))
     model.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
     if not vq:
-        from test_convert import _rewrite_safetensors
+        from parent_helpers import rewrite_safetensors
 
-        _rewrite_safetensors(folder, lambda sd: {k: v for k, v in sd.items() if not k.startswith("vqmodel.")})
+        rewrite_safetensors(folder, lambda sd: {k: v for k, v in sd.items() if not k.startswith("vqmodel.")})
     return model
 
 
@@ -203,7 +203,7 @@ def _rel_errors(got, want):
 
 def test_perplexity_equals_transformers_at_tp1_and_tp2(single_rank, pool2, world):
     docs = _stored(world["prefix"])
-    want = _expected(world["gen"], docs, seq=SEQ)
+    want = expected_perplexity(world["gen"], docs, seq=SEQ)
     got = _evaluate(str(world["root"] / "mg_gen"), world["prefix"])
     assert got["tokens"]["image"] > 100 and got["tokens"]["text"] > 100
     errors = {"tp1": _rel_errors(got["ppl"], want)}

@@ -69,7 +69,7 @@ def ckpt(tmp_path_factory):
     from megatron_jam.convert.checkpoint import ensure_single_rank
     from megatron_jam.data.text_tokenizer import load_text_tokenizer
     from megatron_jam.data.vocab import VocabLayout
-    from test_convert import convert, make_llama
+    from parent_helpers import convert, make_llama
 
     ensure_single_rank()
     root = tmp_path_factory.mktemp("harness")

@@ -12,9 +12,9 @@ import os
 import numpy as np
 import pytest
 
+from eval_helpers import eval_docs, expected_perplexity, write_documents
 from jam_data_helpers import image_text_corpus, text_only_corpus, write_dataset
-from test_convert import convert, make_llama
-from test_evaluate import _docs, _expected, _write_dataset
+from parent_helpers import convert, make_llama
 from tool_loader import load_tool
 
 SEQ, STRIDE = 8, 3
@@ -37,7 +37,7 @@ def test_windows_never_cross_documents(tmp_path):
     from megatron_jam.evaluation import open_dataset, windows
 
     docs = [[(0, [10 * k + 1] * n)] for k, n in enumerate([1, 5, 12, 9, 30])]  # document k: ids 10k+1
-    _write_dataset(str(tmp_path / "d"), docs)
+    write_documents(str(tmp_path / "d"), docs)
     ds, has_modes = open_dataset(str(tmp_path / "d"))
     wins = list(windows(ds, has_modes, SEQ, stride=STRIDE))
     per_doc = {}
@@ -82,8 +82,8 @@ def hf_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalwin")
     model = make_llama(root / "hf", seed=3)
     convert("import", root / "ckpt", root / "hf", seq_length=SEQ)
-    docs = _docs(seed=1) + [[(0, list(range(1, 40)))]]  # one document of 4 windows and more
-    _write_dataset(str(root / "mm"), docs)
+    docs = eval_docs(seed=1) + [[(0, list(range(1, 40)))]]  # one document of 4 windows and more
+    write_documents(str(root / "mm"), docs)
     return root, model, docs
 
 
@@ -100,7 +100,7 @@ def _evaluate_tp2(root, *extra):
 @pytest.mark.parametrize("seq", [SEQ, 40], ids=["window 8", "window 40: batches cut to their longest window"])
 def test_per_document_perplexity_equals_transformers_at_tp1_and_tp2(single_rank, pool2, hf_world, seq):
     root, model, docs = hf_world
-    want = _expected(model, docs, seq=seq, stride=STRIDE)
+    want = expected_perplexity(model, docs, seq=seq, stride=STRIDE)
     got = _evaluate(root, "--micro-batch-size", "2", "--seq-length", str(seq))
     assert got["stride"] == STRIDE and got["tokens"]["all"] == sum(len(i) for d in docs for _, i in d) - len(docs)
     for ppl in [got["ppl"], *pool2.run(_evaluate_tp2, root, "--seq-length", str(seq))]:

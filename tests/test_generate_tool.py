@@ -1,63 +1,18 @@
 """tools/generate_interleaved.py end to end: a tiny converted JAM-Cross checkpoint, a sentencepiece model
 and a tiny Janus VQ (which has a decoder) give HTML / Markdown / JSON documents with one image element per
 image segment; without a decoder the images are labelled token grids; mismatched inputs fail before
-anything is generated."""
+anything is generated. The checkpoint, tokenizer and VQs are the `gentool` fixture of tests/conftest.py."""
 
-import io
 import json
 import os
-import random
 
 import pytest
 
-from test_preprocess import sentence
 from tool_loader import load_tool
 
 
 def _tool():
     return load_tool("generate_interleaved")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    import sentencepiece as spm
-    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig, JanusVQVAE, JanusVQVAEConfig
-
-    import megatron_jam  # noqa: F401
-    from megatron_jam.convert.checkpoint import ensure_single_rank
-    from megatron_jam.data.image_tokenizer import VQImageTokenizer
-    from megatron_jam.data.vocab import VocabLayout
-    from megatron_jam.inference.loading import file_identity
-    from test_convert import convert, make_llama, make_opt
-
-    ensure_single_rank()
-    root = tmp_path_factory.mktemp("gentool")
-    rng = random.Random(0)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter([sentence(rng) for _ in range(300)]), model_writer=model,
-                                   vocab_size=64, model_type="unigram", hard_vocab_limit=False,
-                                   character_coverage=1.0, normalization_rule_name="identity")
-    (root / "spm.model").write_bytes(model.getvalue())
-    sp = spm.SentencePieceProcessor(model_file=str(root / "spm.model"))
-    JanusVQVAE(JanusVQVAEConfig(embed_dim=8, num_embeddings=16, latent_channels=8, resolution=16, base_channels=32,
-                                channel_multiplier=[1, 1, 2], num_res_blocks=1, attn_resolutions=[], num_patches=4)
-               ).save_pretrained(root / "janus")
-    ChameleonVQVAE(ChameleonVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=8, resolution=32,
-                                        base_channels=32, channel_multiplier=[1, 1, 2], num_res_blocks=1,
-                                        attn_resolutions=[])).save_pretrained(root / "chameleon")
-    vq = VQImageTokenizer(str(root / "janus"))
-    layout = VocabLayout(text_vocab_size=sp.get_piece_size(), codebook_size=16, tokens_per_image=vq.tokens_per_image,
-                         num_sentinels=2, text_tokenizer=file_identity(str(root / "spm.model"), "sentencepiece"),
-                         image_tokenizer=vq.identity)
-    layout.to_json(root / "layout.json")
-    make_llama(root / "llm", seed=1, vocab=layout.text_vocab_size, initializer_range=0.3)
-    make_opt(root / "img", seed=2, vocab=layout.vocab_size, init_std=0.3)
-    convert("cross", root / "ckpt", root / "llm", root / "img", vocab_layout=str(root / "layout.json"),
-            seq_length=64)
-    prompts = [{"prompt": "ka lo mi ter", "start_with_image": True, "name": "picture"},
-               {"prompt": "san bu ra ne"}]
-    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    return root, layout
 
 
 def _args(root, out, *extra):
@@ -66,8 +21,8 @@ def _args(root, out, *extra):
             "--no-progress-bar", *extra]
 
 
-def test_generates_html_with_text_and_one_image_element_per_image_segment(single_rank, setup, tmp_path, capsys):
-    root, layout = setup
+def test_generates_html_with_text_and_one_image_element_per_image_segment(single_rank, gentool, tmp_path, capsys):
+    root, layout = gentool
     rc = _tool().main(_args(root, tmp_path, "--prompts-file", str(root / "prompts.jsonl"),
                             "--image-tokenizer", str(root / "janus"), "--cfg-scale", "3.5", "--seed", "3"))
     assert rc == 0
@@ -93,12 +48,12 @@ def test_generates_html_with_text_and_one_image_element_per_image_segment(single
                 if s["type"] == "image"]) >= 1
 
 
-def test_without_a_decoder_images_are_labelled_token_grids(single_rank, setup, tmp_path):
+def test_without_a_decoder_images_are_labelled_token_grids(single_rank, gentool, tmp_path):
     from PIL import Image
 
     from megatron_jam.inference.render import GRID_LABEL
 
-    root, _ = setup
+    root, _ = gentool
     assert _tool().main(_args(root, tmp_path, "--prompt", "ka lo", "--start-with-image", "--greedy")) == 0
     rec = json.loads((tmp_path / "prompt_0000.json").read_text())
     seg = next(s for s in rec["segments"] if s["type"] == "image")
@@ -117,10 +72,10 @@ def _fails(capsys, argv, message, out):
     assert not out.exists() or not os.listdir(out)
 
 
-def test_bad_inputs_fail_before_generation(single_rank, setup, tmp_path, capsys):
+def test_bad_inputs_fail_before_generation(single_rank, gentool, tmp_path, capsys):
     from megatron_jam.data.vocab import VocabLayout
 
-    root, layout = setup
+    root, layout = gentool
     out = tmp_path / "out"
     other = VocabLayout(text_vocab_size=layout.text_vocab_size, codebook_size=17, tokens_per_image=16,
                         num_sentinels=2)
@@ -138,10 +93,10 @@ def test_bad_inputs_fail_before_generation(single_rank, setup, tmp_path, capsys)
            "cuda-graph needs the model on a CUDA device", out)
 
 
-def test_small_decoded_images_are_shown_scaled_up_without_smoothing(single_rank, setup, tmp_path):
+def test_small_decoded_images_are_shown_scaled_up_without_smoothing(single_rank, gentool, tmp_path):
     from PIL import Image
 
-    root, _ = setup
+    root, _ = gentool
     assert _tool().main(_args(root, tmp_path, "--prompt", "ka lo", "--start-with-image", "--greedy",
                               "--image-tokenizer", str(root / "janus"))) == 0
     rec = json.loads((tmp_path / "prompt_0000.json").read_text())
@@ -156,10 +111,10 @@ def _eval_tool():
     return load_tool("evaluate_generation")
 
 
-def test_evaluate_generation_scores_every_image_at_every_scale(single_rank, setup, tmp_path, capsys):
+def test_evaluate_generation_scores_every_image_at_every_scale(single_rank, gentool, tmp_path, capsys):
     from megatron_jam.data import picture_world
 
-    root, layout = setup
+    root, layout = gentool
     items = [{"name": "a", "prompt": "ka lo", "colour": "red", "shape": "circle"},
              {"name": "b", "prompt": "mi ter san", "colour": "blue", "shape": "square"}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from decoding_helpers import FullForwardStepper
 from megatron_jam.data.vocab import VocabLayout
 from megatron_jam.inference.decoding import InterleavedGenerator
 from megatron_jam.inference.sampling import SamplingParams, cfg_combine, top_p_filter
@@ -187,33 +188,14 @@ def test_bad_prompts_are_refused_before_generation():
 # ------------------------------------------------------------------ real models
 
 
-class FullForwardStepper:
-    """Decoding without a cache, independent of ours: the model's own `forward` on each row's valid
-    tokens (no padding), positions 0..n-1, last position's logits."""
-
-    def __init__(self, model):
-        self.model = model
-
-    @torch.no_grad()
-    def step(self, slots, cache, start, n):
-        end, out = start + n, []
-        for r in range(slots.batch):
-            toks = slots.tokens[r, :end][slots.valid[r, :end]]
-            if not slots.valid[r, end - 1]:
-                out.append(torch.zeros(self.model.cfg.padded_vocab_size))
-                continue
-            out.append(self.model(toks[None], torch.arange(len(toks))[None])[0, -1].float())
-        return torch.stack(out)
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """Converted JAM-Cross (Llama + OPT; Chameleon + swin-norm Chameleon), JAM-Width and JAM-Uniform (Llama + Llama)
     tiny checkpoints."""
     import megatron_jam  # noqa: F401
     from megatron_jam.convert.checkpoint import ensure_single_rank
-    from test_convert import convert, make_llama, make_opt
-    from test_convert_chameleon import make_chameleon
+    from chameleon_helpers import make_chameleon
+    from parent_helpers import convert, make_llama, make_opt
 
     ensure_single_rank()
     root = tmp_path_factory.mktemp("gen")

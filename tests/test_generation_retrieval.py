@@ -4,7 +4,8 @@ prompt's CLIP embedding and prepend exactly their tokens; the JSON lists them, t
 from the prompt and the output; bad flags fail with one line before any model is built.
 
 Reuses the tiny JAM-Cross checkpoint of tests/test_generate_tool.py and the tiny random CLIP of
-tests/test_retrieval.py; the bank is written straight as shards in the checkpoint's layout.
+tests/test_retrieval.py (the `gentool` and `tiny_clip` fixtures of tests/conftest.py); the bank is
+written straight as shards in the checkpoint's layout.
 """
 
 import json
@@ -13,8 +14,6 @@ import os
 import numpy as np
 import pytest
 
-from test_generate_tool import setup  # noqa: F401  (fixture: checkpoint, spm, Janus VQ, layout)
-from test_retrieval import tiny_clip  # noqa: F401  (fixture: random 2-layer CLIP)
 from tool_loader import load_tool
 
 PROMPT = "ka lo"  # 6 spm tokens: with two 24-token bank documents and 4 new tokens it fits 64
@@ -22,7 +21,7 @@ WORDS = ["ka", "lo", "mi", "ter", "san", "bu", "ra", "ne"]
 
 
 @pytest.fixture(scope="module")
-def bank_index(setup, tiny_clip, tmp_path_factory):  # noqa: F811
+def bank_index(gentool, tiny_clip, tmp_path_factory):
     """(index path, bank prefix): 10 short documents with an image each, except document 3: the prompt
     itself, text only (a near duplicate, score 1: skipped)."""
     import sentencepiece as spm
@@ -31,7 +30,7 @@ def bank_index(setup, tiny_clip, tmp_path_factory):  # noqa: F811
     from jam_data_helpers import write_dataset
     from megatron_jam.data.documents import IMAGE, TEXT, build_sequences
 
-    root, layout = setup
+    root, layout = gentool
     sp = spm.SentencePieceProcessor(model_file=str(root / "spm.model"))
     folder = tmp_path_factory.mktemp("ragbank")
     rng = np.random.default_rng(0)
@@ -71,13 +70,13 @@ def _gen_args(root, out, *extra):
             str(root / "spm.model"), "--output", str(out), "--no-progress-bar", "--greedy", *extra]
 
 
-def test_generation_prepends_exactly_the_retrieved_documents(single_rank, setup, tiny_clip, bank_index,  # noqa: F811
+def test_generation_prepends_exactly_the_retrieved_documents(single_rank, gentool, tiny_clip, bank_index,
                                                              tmp_path, capsys):
     import sentencepiece as spm
 
     from megatron_jam.data.cm3_dataset import DocumentReader
 
-    root, layout = setup
+    root, layout = gentool
     index, prefix = bank_index
     want, scores = expected_neighbours(index, tiny_clip, PROMPT)
     assert len(want) == 2 and 3 not in want  # the prompt's own copy is a near duplicate
@@ -125,9 +124,9 @@ def _fails_early(capsys, monkeypatch, argv, message, tool="generate_interleaved"
     assert message in err and "\n" not in err
 
 
-def test_retrieval_flags_fail_with_one_line_before_any_model(single_rank, setup, bank_index, tmp_path,  # noqa: F811
+def test_retrieval_flags_fail_with_one_line_before_any_model(single_rank, gentool, bank_index, tmp_path,
                                                              capsys, monkeypatch):
-    root, _ = setup
+    root, _ = gentool
     index, _ = bank_index
     _fails_early(capsys, monkeypatch, _gen_args(root, tmp_path / "a", "--prompt", PROMPT, "--retrieval-k", "2"),
                  "--retrieval-k 2 needs --retrieval-index")
@@ -151,11 +150,11 @@ def _eval_args(root, tmp_path, *extra):
             "--output", str(tmp_path / "r.json"), "--no-progress-bar", *extra]
 
 
-def test_prompt_following_accepts_the_retrieval_flags(single_rank, setup, tiny_clip, bank_index,  # noqa: F811
+def test_prompt_following_accepts_the_retrieval_flags(single_rank, gentool, tiny_clip, bank_index,
                                                       tmp_path):
     import sentencepiece as spm
 
-    root, _ = setup
+    root, _ = gentool
     index, _ = bank_index
     sp = spm.SentencePieceProcessor(model_file=str(root / "spm.model"))
     assert load_tool("evaluate_generation").main(_eval_args(root, tmp_path, "--retrieval-index", index,

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_preprocess import sentence
+from text_helpers import sentence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -226,7 +226,7 @@ def checkpoint(corpus, shards, tmp_path_factory):
     import megatron_jam  # noqa: F401
     from megatron_jam.convert.checkpoint import ensure_single_rank
     from megatron_jam.data.vocab import load_layout
-    from test_convert import convert, make_llama
+    from parent_helpers import convert, make_llama
 
     ensure_single_rank()
     root = tmp_path_factory.mktemp("hfckpt")
@@ -237,13 +237,14 @@ def checkpoint(corpus, shards, tmp_path_factory):
 
 
 def test_generation_encodes_prompts_and_decodes_text_with_it(single_rank, corpus, shards, checkpoint, tmp_path):
-    from test_generate_tool import _tool
+    from tool_loader import load_tool
 
     ckpt, layout = checkpoint
     tok, prompt = corpus["a"], "ka lo mi ter"
-    rc = _tool().main(["--load", str(ckpt), "--vocab-layout", f"{shards}.vocab.json", "--tokenizer-model",
-                       str(corpus["root"] / "tok_a"), "--tokenizer-type", "HuggingFaceTokenizer", "--prompt", prompt,
-                       "--greedy", "--max-new-tokens", "8", "--output", str(tmp_path), "--no-progress-bar"])
+    rc = load_tool("generate_interleaved").main([
+        "--load", str(ckpt), "--vocab-layout", f"{shards}.vocab.json", "--tokenizer-model",
+        str(corpus["root"] / "tok_a"), "--tokenizer-type", "HuggingFaceTokenizer", "--prompt", prompt,
+        "--greedy", "--max-new-tokens", "8", "--output", str(tmp_path), "--no-progress-bar"])
     assert rc == 0
     rec = json.loads((tmp_path / "prompt_0000.json").read_text())
     assert rec["prompt_ids"] == tok.encode(prompt, add_special_tokens=False).ids and rec["prompt"] == prompt
@@ -252,8 +253,8 @@ def test_generation_encodes_prompts_and_decodes_text_with_it(single_rank, corpus
 
 
 def test_evaluation_runs_on_its_shards(single_rank, corpus, shards, checkpoint):
-    from test_evaluate import _run
+    from eval_helpers import run_evaluate
 
     ckpt, _ = checkpoint
-    got = _run(["--load", str(ckpt), "--data-path", str(shards), "--max-windows", "4"])
+    got = run_evaluate(["--load", str(ckpt), "--data-path", str(shards), "--max-windows", "4"])
     assert got["multimodal"] and got["tokens"]["all"] > 0 and np.isfinite(got["ppl"]["all"])

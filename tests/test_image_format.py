@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from decoding_helpers import PADDED, FullForwardStepper, RandomStepper, padded_config
 from emu3_helpers import CODE0, CODEBOOK, EOF, EOL, EOS, IMAGE_END, IMAGE_START, IMAGE_TOKEN, make_emu3_tokenizer
 from megatron_jam.data.cm3 import CM3Config, cm3_restore, cm3_transform, segment_table
 from megatron_jam.data.documents import IMAGE, TEXT, build_sequences, split_segments
@@ -29,7 +30,7 @@ from megatron_jam.inference.decoding import InterleavedGenerator
 from megatron_jam.inference.render import segments
 from megatron_jam.inference.sampling import SamplingParams
 
-S, PADDED = 4, 640
+S = 4
 
 
 @pytest.fixture(scope="module")
@@ -142,24 +143,6 @@ def test_a_masked_caption_is_followed_by_the_image_start(layout):
 
 
 # ------------------------------------------------------------------ decoding
-def _Cfg(vocab_size, seq_length=96):
-    """A single-stack model config of 96 positions and PADDED vocabulary rows (what the generator reads)."""
-    from megatron_jam.models.config import JamGPTConfig, ParentConfig
-
-    return JamGPTConfig(parent=ParentConfig(max_position_embeddings=96), vocab_size=vocab_size, seq_length=seq_length,
-                        make_vocab_size_divisible_by=PADDED)
-
-
-class RandomStepper:
-    """Random logits for every row; `bias` makes image starts (and anything else) likely."""
-
-    def __init__(self, seed, bias):
-        self.g, self.bias = torch.Generator().manual_seed(seed), bias
-
-    def step(self, slots, cache, start, n):
-        return torch.randn(slots.batch, PADDED, generator=self.g) * 3 + self.bias
-
-
 def check_emu3_document(layout, ids, starts_image, budget):
     """Every image well formed and complete; text otherwise; `<eos>` only last."""
     assert len(ids) <= budget
@@ -193,7 +176,7 @@ def test_random_logits_give_well_formed_emu3_images(layout, seed, max_new, lens,
     if image_first:
         prompts[0] = prompts[0] + [IMAGE_START]
         max_new = max(max_new, need)
-    gen = InterleavedGenerator(None, _Cfg(layout.vocab_size), layout, stepper=RandomStepper(seed, bias))
+    gen = InterleavedGenerator(None, padded_config(layout.vocab_size), layout, stepper=RandomStepper(seed, bias))
     outs = gen.generate(prompts, SamplingParams(cfg_scale=cfg, seed=seed), max_new)
     for p, out in zip(prompts, outs):
         check_emu3_document(layout, out.ids, p[-1] == IMAGE_START, min(max_new, 96 - len(p)))
@@ -205,7 +188,7 @@ def test_an_image_that_cannot_be_finished_is_never_started(layout):
     bias = torch.full((PADDED,), -50.0)
     bias[IMAGE_START] = 50.0  # the model wants nothing but images
     for budget in range(1, 2 * n + 2):
-        gen = InterleavedGenerator(None, _Cfg(layout.vocab_size), layout, stepper=RandomStepper(0, bias))
+        gen = InterleavedGenerator(None, padded_config(layout.vocab_size), layout, stepper=RandomStepper(0, bias))
         ids = gen.generate([[1, 2]], SamplingParams(seed=1), budget)[0].ids
         assert ids.count(IMAGE_START) == budget // n
         check_emu3_document(layout, ids, False, budget)
@@ -249,11 +232,9 @@ def test_a_converted_emu3_parent_generates_emu3_images_with_its_native_layout(si
     """A tiny random Emu3ForConditionalGeneration whose vocabulary is the tiny tokenizer's (575 ids) is
     imported; the native layout describes its rows exactly, and decoding (cache or the model's own full
     forward, with guidance) writes well-formed Emu3 images."""
-    from test_convert import convert
-    from test_convert_emu3 import make_emu3
-    from test_generation import FullForwardStepper
-
+    from emu3_helpers import make_emu3
     from megatron_jam.inference.loading import check_checkpoint_layout, load_model
+    from parent_helpers import convert
 
     make_emu3(tmp_path / "emu3", seed=4, vocab_size=layout.vocab_size, max_position_embeddings=96,
               initializer_range=0.3)

@@ -34,13 +34,13 @@ def _train(argv, legacy):
 def test_one_pass_step_equals_megatrons_step(pool2, tmp_path):
     common = ["--train-iters", "5", "--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", "32",
               "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "100", "--clip-grad", "0.05"]
-    from test_convert import _state
+    from parent_helpers import state_of
 
     new = pool2.run(_train, common + ["--save", str(tmp_path / "new"), "--save-interval", "5"], False)[0]
     old = pool2.run(_train, common + ["--save", str(tmp_path / "old"), "--save-interval", "5"], True)[0]
     assert len(new) == 5 and new == old, (new, old)
     assert all(g > 0.05 for _, g in new), "clipping must be active for the test to mean much"
-    a, b = _state(tmp_path / "new"), _state(tmp_path / "old")  # the latest checkpoint: iteration 5
+    a, b = state_of(tmp_path / "new"), state_of(tmp_path / "old")  # the latest checkpoint: iteration 5
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "parameters after 5 steps differ"
 
 
@@ -91,7 +91,7 @@ def test_distributed_optimizer_gives_the_same_losses_and_gathers_before_saving(p
     distributed optimizer alone. The checkpoint written right after the last step holds the gathered weights:
     bit for bit those of the same run without `--overlap-param-gather` (without
     `checkpointing._gather_updated_parameters` the other rank's shards are one update old: 5e-4 off)."""
-    from test_convert import _state
+    from parent_helpers import state_of
 
     ref = pool2.run(_curve, _FIVE_STEPS)[0]
     dist_opt = pool2.run(_curve, _DIST_OPT)[0]
@@ -101,7 +101,7 @@ def test_distributed_optimizer_gives_the_same_losses_and_gathers_before_saving(p
     overlap = pool2.run(_curve, _DIST_OPT + _SMALL_BUCKETS + ["--overlap-param-gather"] + save +
                         [str(tmp_path / "overlap_gather")])[0]
     assert _close(dist_opt, overlap) and buckets == overlap, (dist_opt, buckets, overlap)
-    a, b = _state(tmp_path / "sync_gather"), _state(tmp_path / "overlap_gather")
+    a, b = state_of(tmp_path / "sync_gather"), state_of(tmp_path / "overlap_gather")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), \
         max(float((a[k] - b[k]).abs().max()) for k in a)
 

@@ -23,20 +23,15 @@ import pytest
 from megatron_jam.data.documents import IMAGE, TEXT, split_segments
 from megatron_jam.data.image_tokenizer import VQImageTokenizer
 from megatron_jam.data.vocab import VocabLayout, load_layout
+from text_helpers import sentence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import inspect_dataset  # noqa: E402
 import preprocess_interleaved  # noqa: E402
 
-_SYLLABLES = "ka lo mi ter san bu ra ne zo pi qua fel dor im ux gra spe thi wo vy".split()
-WORDS = sorted({"".join(random.Random(i).choices(_SYLLABLES, k=1 + i % 3)) for i in range(300)})
 BAD_REASONS = {"malformed_json", "missing_image", "corrupt_image", "empty_document", "unknown_content_type",
                "token_out_of_range"}
-
-
-def sentence(rng):
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 and the layout of a retrieval-augmented sample.
 
 Nothing is downloaded: the CLIP model is a random 2-layer `CLIPModel` with a
-character-level tokenizer saved in the test.
+character-level tokenizer saved in the test (the `tiny_clip` fixture of tests/conftest.py).
 """
 
 import json
@@ -69,29 +69,6 @@ def test_select_neighbors_rules():
 
 
 # ------------------------------------------------------------------ tools, tiny CLIP
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    d = tmp_path_factory.mktemp("clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=40, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
-    CLIPModel(cfg).save_pretrained(d)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    processor.save_pretrained(d)
-    return str(d)
-
-
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory):
     """12 source documents (text, some with images); document 5 is an exact copy of document 2."""

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from test_preprocess import sentence
+from text_helpers import sentence
 from tool_loader import load_tool
 
 MODEL = {"model_type": "gpt", "vocab_size": 128, "make_vocab_size_divisible_by": 128, "seq_length": 32,
@@ -117,7 +117,7 @@ def test_generate_and_evaluate_need_only_the_run_folder(run, tmp_path, capsys):
 
 
 def test_a_merge_of_runs_carries_their_layout_and_tokenizers(run, tmp_path, capsys):
-    from test_convert import convert
+    from parent_helpers import convert
 
     from megatron_jam.data.image_tokenizer import folder_identity
     from megatron_jam.data.vocab import VocabLayout
@@ -180,7 +180,7 @@ print(json.dumps({"ids": ids[0].tolist(), "new": new[0].tolist(), "ref": ref[0].
 
 def test_hf_export_generates_as_the_original(single_rank, tmp_path, capsys):
     import sentencepiece
-    from test_convert import make_llama
+    from parent_helpers import make_llama
 
     hf = tmp_path / "hf"
     make_llama(hf, seed=3, vocab=sentencepiece.SentencePieceProcessor(

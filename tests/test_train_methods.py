@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from test_convert import convert, make_llama
+from parent_helpers import convert, make_llama
 
 
 @pytest.fixture(scope="module")

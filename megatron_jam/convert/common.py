@@ -91,9 +91,9 @@ def rename(sd: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
 
 def megatron_shapes(p, vocab_size: int) -> dict[str, tuple]:
     """Expected shapes of a parent's canonical tensors: layer-relative keys and top-level keys."""
-    d, hd, f = p.hidden_size, p.hidden_size // p.num_attention_heads, p.ffn_size
+    d, hd, f = p.hidden_size, p.head_dim, p.ffn_size
     h, g = p.num_attention_heads, p.query_groups
-    gated = p.act == "swiglu"
+    gated = p.gated
     shapes = {QKV_W: ((h + 2 * g) * hd, d), "self_attention.linear_proj.weight": (d, h * hd),
               FC1_W: (f * (2 if gated else 1), d), "mlp.linear_fc2.weight": (d, f),
               EMB: (vocab_size, d), OUT: (vocab_size, d), POS: (p.max_position_embeddings, d)}

@@ -99,7 +99,7 @@ class HFFamily:
 
     def _layer_to_megatron(self, hf, i, p, shapes, used, where) -> dict[str, Tensor]:
         pre, mpre = self.layer_prefix.format(i=i), f"decoder.layers.{i}."
-        hd, h, g, f = p.hidden_size // p.num_attention_heads, p.num_attention_heads, p.query_groups, p.ffn_size
+        hd, h, g, f = p.head_dim, p.num_attention_heads, p.query_groups, p.ffn_size
         get = _getter(hf, pre, used, where)
         out = {}
         for hk, mk in self.layer_map(p).items():

@@ -29,29 +29,30 @@ def parent_config(hf: dict, where: str = "config.json") -> tuple[ParentConfig, i
         (rope_type == "default", f"rope type {rope_type!r} (only the default RoPE, no scaling)"),
         (not hf.get("attention_bias", False), "attention_bias=true (Megatron biases cover all linears)"),
         (not hf.get("mlp_bias", False), "mlp_bias=true"),
-        (hf.get("head_dim") in (None, d // h), f"head_dim={hf.get('head_dim')} != hidden_size / heads = {d // h}"),
     ]
     for ok, what in checks:
         if not ok:
             raise ConvertError(f"{where}: unsupported Llama setting {what}")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    head_dim = hf.get("head_dim") or d // h  # heads of their own width (kv_channels) when head_dim x heads != d
     p = ParentConfig(
         family="llama", num_layers=hf["num_hidden_layers"], hidden_size=d, num_attention_heads=h,
         num_query_groups=hf.get("num_key_value_heads") or h, ffn_hidden_size=hf["intermediate_size"],
         max_position_embeddings=hf["max_position_embeddings"], add_bias_linear=False, learnable_norm=True,
         norm_epsilon=hf.get("rms_norm_eps", 1e-6), rotary_base=int(theta) if float(theta).is_integer() else theta,
-        activation="swiglu")
+        activation="swiglu", kv_channels=None if head_dim * h == d else head_dim)
     return p, hf["vocab_size"], bool(hf.get("tie_word_embeddings", False))
 
 
 def hf_config(p: ParentConfig, vocab_size: int, tied: bool, base: dict | None = None) -> dict:
     """A transformers LlamaConfig dict for `p` (fields of `base`, e.g. token ids, kept)."""
-    if p.family != "llama" or p.act != "swiglu" or p.add_bias_linear or not p.learnable_norm:
+    if (p.family != "llama" or p.act != "swiglu" or p.add_bias_linear or not p.learnable_norm
+            or p.norm_zero_centered or p.embedding_multiplier != 1.0):
         raise ConvertError(f"cannot export {p} as LlamaForCausalLM (needs family 'llama', SwiGLU, no biases, "
-                           f"learnable RMSNorm)")
+                           f"learnable RMSNorm, unscaled embeddings)")
     shape = dict(vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.ffn_size,
                  num_hidden_layers=p.num_layers, num_attention_heads=p.num_attention_heads,
-                 num_key_value_heads=p.query_groups, head_dim=p.hidden_size // p.num_attention_heads,
+                 num_key_value_heads=p.query_groups, head_dim=p.head_dim,
                  max_position_embeddings=p.max_position_embeddings, rms_norm_eps=p.norm_epsilon,
                  rope_parameters={"rope_type": "default", "rope_theta": float(p.rotary_base)},
                  tie_word_embeddings=tied, attention_bias=False, mlp_bias=False, hidden_act="silu")

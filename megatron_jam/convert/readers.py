@@ -16,12 +16,12 @@ import struct
 import torch
 from torch import Tensor
 
-from megatron_jam.convert import hf_chameleon, hf_emu3, hf_llama, hf_opt
+from megatron_jam.convert import hf_chameleon, hf_emu3, hf_gemma, hf_llama, hf_opt
 from megatron_jam.convert.common import EMB, HF_EXTRA, OUT, ConvertError, RowTable
 from megatron_jam.convert.vq import IMAGE_TOKENIZER_DIR, ImageTokenizerSource, read_image_tokenizer
 from megatron_jam.models.config import ParentConfig
 
-FAMILIES = {"llama": hf_llama, "opt": hf_opt, "emu3": hf_emu3, "chameleon": hf_chameleon}
+FAMILIES = {"llama": hf_llama, "opt": hf_opt, "emu3": hf_emu3, "chameleon": hf_chameleon, "gemma": hf_gemma}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 

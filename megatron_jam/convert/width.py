@@ -71,7 +71,7 @@ def widen_layer_tensor(key: str, a: Tensor, b: Tensor, p: ParentConfig, init: st
         qb, kb, vb = split_qkv(b, h, g)
         join = (lambda x, y: block(x, y, init)) if key == QKV_W else concat
         return pack_qkv(join(qa, qb), join(ka, kb), join(va, vb), 2 * h, 2 * g)
-    if key in (FC1_W, FC1_B) and p.act == "swiglu":
+    if key in (FC1_W, FC1_B) and p.gated:
         join = (lambda x, y: block(x, y, init)) if key == FC1_W else concat
         (ga, ua), (gb, ub) = torch.chunk(a, 2, dim=0), torch.chunk(b, 2, dim=0)
         return torch.cat([join(ga, gb), join(ua, ub)], dim=0)

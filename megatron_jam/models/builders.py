@@ -7,6 +7,7 @@ stream inside JAM-Cross bit-identical to the standalone parent.
 """
 
 import dataclasses
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_jam.models.config import JamCrossConfig, ParentConfig
 from megatron_jam.models.specs import block_spec, parent_layer_spec
 
-_ACTIVATIONS = {"gelu": (F.gelu, False), "relu": (F.relu, False), "swiglu": (F.silu, True)}
+_ACTIVATIONS = {"gelu": (F.gelu, False), "relu": (F.relu, False), "swiglu": (F.silu, True),
+                "geglu": (partial(F.gelu, approximate="tanh"), True)}
 
 
 def parent_transformer_config(p: ParentConfig, **parallel) -> TransformerConfig:
@@ -33,10 +35,11 @@ def parent_transformer_config(p: ParentConfig, **parallel) -> TransformerConfig:
         hidden_size=p.hidden_size,
         num_attention_heads=p.num_attention_heads,
         num_query_groups=p.query_groups,
-        kv_channels=p.hidden_size // p.num_attention_heads,
+        kv_channels=p.head_dim,
         ffn_hidden_size=p.ffn_size,
         normalization="RMSNorm" if p.family == "llama" else "LayerNorm",
         layernorm_epsilon=p.norm_epsilon,
+        layernorm_zero_centered_gamma=p.norm_zero_centered,
         activation_func=act,
         gated_linear_unit=gated,
         add_bias_linear=p.add_bias_linear,
@@ -69,6 +72,23 @@ def cross_transformer_config(cfg: JamCrossConfig, p: ParentConfig, **parallel) -
     )
 
 
+def embedding_scale(p: ParentConfig, config: TransformerConfig) -> float | None:
+    """`p.embedding_multiplier` rounded to the weights' dtype (as transformers' Gemma does: sqrt(3072) is
+    55.4256 in fp32, 55.5 in bf16); None when there is nothing to scale. A Python number, not a tensor, so a
+    captured decode step (CUDA graphs) carries it as a kernel argument."""
+    if p.embedding_multiplier == 1.0:
+        return None
+    return float(torch.tensor(p.embedding_multiplier, dtype=config.params_dtype, device="cpu"))  # not meta
+
+
+def scale_word_embeddings(model: GPTModel, p: ParentConfig) -> None:
+    """Multiply `model.embedding`'s output by the parent's embedding multiplier (a forward hook: the module and
+    its state-dict keys stay Megatron-Core's, and the decoder, which calls `model.embedding`, gets it too)."""
+    scale = embedding_scale(p, model.config)
+    if scale is not None and getattr(model, "pre_process", False):
+        model.embedding.register_forward_hook(lambda module, args, out: out * scale)
+
+
 def build_parent_gpt(p: ParentConfig, vocab_size: int, pre_process: bool = True, post_process: bool = True,
                      use_te: bool = False, vp_stage: int | None = None,
                      share_embeddings_and_output_weights: bool = True, **parallel) -> GPTModel:
@@ -78,7 +98,7 @@ def build_parent_gpt(p: ParentConfig, vocab_size: int, pre_process: bool = True,
     config = parent_transformer_config(p, **parallel)
     n_local = get_num_layers_to_build(config, vp_stage, parallel_state.get_pipeline_model_parallel_rank())
     spec = block_spec(parent_layer_spec(p, use_te), n_local, p.learnable_norm)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -90,3 +110,5 @@ def build_parent_gpt(p: ParentConfig, vocab_size: int, pre_process: bool = True,
         rotary_base=p.rotary_base,
         vp_stage=vp_stage,
     )
+    scale_word_embeddings(model, p)
+    return model

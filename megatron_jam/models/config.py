@@ -49,8 +49,9 @@ class ParentConfig:
     """Epsilon of the LayerNorm / RMSNorm."""
     rotary_base: int = 10000
     """RoPE base ('llama' only)."""
-    activation: Literal["gelu", "relu", "swiglu"] | None = None
-    """MLP activation (None: 'gelu' for 'opt', 'swiglu' for 'llama'; OPT checkpoints use 'relu')."""
+    activation: Literal["gelu", "relu", "swiglu", "geglu"] | None = None
+    """MLP activation (None: 'gelu' for 'opt', 'swiglu' for 'llama'; OPT checkpoints use 'relu'; Gemma's
+    'geglu' is a gated MLP with the tanh approximation of GELU)."""
     hidden_dropout: float = 0.0
     """Dropout after attention and MLP (CM3leon trains with none)."""
     attention_dropout: float = 0.0
@@ -59,6 +60,15 @@ class ParentConfig:
     """Chameleon: queries and keys LayerNorm-ed per head over head_dim (weight and bias per head), before RoPE."""
     swin_norm: bool = False
     """Chameleon-30B's norm placement: `x + norm(attn(x))`, `h + norm(mlp(h))`, no pre-norms."""
+    norm_zero_centered: bool = False
+    """Gemma: the RMSNorm scales by `1 + weight` (weights stored zero-centred; Megatron's
+    `layernorm_zero_centered_gamma`)."""
+    kv_channels: int | None = None
+    """Width of one attention head (None: hidden_size / num_attention_heads; Gemma-7B: 256 at d 3072 with
+    16 heads, so the attention is 4096 wide)."""
+    embedding_multiplier: float = 1.0
+    """Word embeddings are multiplied by this before the first layer (Gemma: sqrt(hidden_size), rounded to
+    the weights' dtype as transformers does)."""
 
     @property
     def act(self) -> str:
@@ -76,12 +86,28 @@ class ParentConfig:
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
+    @property
+    def gated(self) -> bool:
+        """A gated MLP (SwiGLU, GeGLU): fc1 holds the gate and the up projection."""
+        return self.act in ("swiglu", "geglu")
+
+    @property
+    def attention_width(self) -> int:
+        """Query heads x head width (= hidden_size unless `kv_channels` says otherwise)."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
     def __post_init__(self):
         if (self.qk_layernorm or self.swin_norm) and self.family != "llama":
             raise ConfigError("qk_layernorm / swin_norm (the Chameleon body) need family='llama'")
+        if self.norm_zero_centered and (self.family != "llama" or not self.learnable_norm):
+            raise ConfigError("norm_zero_centered (Gemma's RMSNorm) needs family='llama' and learnable_norm=True")
         if self.family not in FAMILIES:
             raise ConfigError(f"family={self.family!r} is not one of {FAMILIES}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
             )

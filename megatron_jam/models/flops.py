@@ -19,14 +19,15 @@ def _matmul_params_layer(p: ParentConfig) -> int:
 
 def parent_flops_per_token(p: ParentConfig, vocab_size: int, seq_length: int) -> float:
     d = p.hidden_size
-    return 6.0 * (p.num_layers * _matmul_params_layer(p) + vocab_size * d) + 12.0 * p.num_layers * seq_length * d
+    return (6.0 * (p.num_layers * _matmul_params_layer(p) + vocab_size * d)
+            + 12.0 * p.num_layers * seq_length * p.attention_width)
 
 
 def cross_blocks_flops_per_token(cfg: JamCrossConfig, seq_length: int) -> float:
     total = 0.0
     for p in (cfg.llm, cfg.img):
         norms = 2 * (p.hidden_size * (1 if p.family == "llama" else 2) if p.learnable_norm else 0)
-        per_block = 6.0 * (cross_block_params(cfg, p) - norms) + 12.0 * seq_length * p.hidden_size
+        per_block = 6.0 * (cross_block_params(cfg, p) - norms) + 12.0 * seq_length * p.attention_width
         total += cfg.num_cross_pairs * per_block
     return total
 

@@ -32,7 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_jam.models.builders import cross_transformer_config, parent_transformer_config
+from megatron_jam.models.builders import cross_transformer_config, embedding_scale, parent_transformer_config
 from megatron_jam.models.config import JamCrossConfig, ParentConfig, validate_parallel
 from megatron_jam.models.jam_cross_loop import CrossLayerLoop
 from megatron_jam.models.specs import block_spec, cross_layer_spec, parent_layer_spec
@@ -54,6 +54,8 @@ class JamEmbedding(MegatronModule):
                 if config.perform_initialization:
                     config.embedding_init_method(table.weight)
                 setattr(self, f"{name}_position_embeddings", table)
+        self.scales = {name: embedding_scale(p, config) for name, p in parents.items()}
+        """Per-stream multiplier of the shared word embedding (Gemma parents: sqrt(d)); None = 1."""
         self.dropout = torch.nn.Dropout(config.hidden_dropout)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,7 +63,8 @@ class JamEmbedding(MegatronModule):
         out = []
         for name in STREAMS:
             table = getattr(self, f"{name}_position_embeddings", None)
-            h = words if table is None else words + table(position_ids)
+            h = words if self.scales[name] is None else words * self.scales[name]
+            h = h if table is None else h + table(position_ids)
             h = h.transpose(0, 1).contiguous()  # [b, s, h] -> [s, b, h]
             if self.config.sequence_parallel:
                 # -> [s/tp, b, h]; a view of the full tensor: clone it so that one can be freed (Megatron's embedding)

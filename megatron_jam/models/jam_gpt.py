@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
-from megatron_jam.models.builders import parent_transformer_config
+from megatron_jam.models.builders import parent_transformer_config, scale_word_embeddings
 from megatron_jam.models.config import JamGPTConfig, validate_gpt_parallel
 from megatron_jam.models.specs import block_spec, parent_layer_spec
 
@@ -60,6 +60,7 @@ class JamGPTModel(GPTModel):
             rotary_base=p.rotary_base,
             vp_stage=vp_stage,
         )
+        scale_word_embeddings(self, p)
         self.cfg = cfg
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,

@@ -12,12 +12,31 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+class ZeroCenteredRMSNorm(torch.nn.RMSNorm):
+    """RMSNorm that scales by `1 + weight` (Megatron's `layernorm_zero_centered_gamma`; Gemma's norm), in fp32
+    as transformers' `GemmaRMSNorm`: `(rms_norm(x.float()) * (1 + weight.float())).type_as(x)`. The weight is
+    stored zero-centred, so a bf16 copy keeps its small values exactly (`1 + w` in bf16 would not)."""
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = torch.nn.functional.rms_norm(x.float(), self.normalized_shape, None, self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
 class JamNorm:
-    """Factory returning `torch.nn.LayerNorm` or `torch.nn.RMSNorm` (state-dict keys unchanged)."""
+    """Factory returning `torch.nn.LayerNorm` or `torch.nn.RMSNorm` (state-dict keys unchanged), or
+    `ZeroCenteredRMSNorm` when the config asks for a zero-centred gamma."""
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
                 learnable: bool = True, **unused) -> torch.nn.Module:
-        if config.normalization == "LayerNorm":
+        if config.layernorm_zero_centered_gamma:
+            if config.normalization != "RMSNorm" or not learnable:
+                raise ValueError("a zero-centred gamma needs a learnable RMSNorm (Gemma's)")
+            norm = ZeroCenteredRMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        elif config.normalization == "LayerNorm":
             norm = torch.nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=learnable,
                                       bias=learnable, dtype=config.params_dtype)
         elif config.normalization == "RMSNorm":

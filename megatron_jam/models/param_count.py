@@ -19,19 +19,19 @@ def _linear(n_in: int, n_out: int, bias: bool) -> int:
 
 
 def parent_layer_params(p: ParentConfig) -> int:
-    d, b = p.hidden_size, p.add_bias_linear
-    kv = 2 * p.query_groups * (d // p.num_attention_heads)
-    attn = _linear(d, d + kv, b) + _linear(d, d, b)
-    fc1_out = 2 * p.ffn_size if p.act == "swiglu" else p.ffn_size
+    d, b, a = p.hidden_size, p.add_bias_linear, p.attention_width
+    kv = 2 * p.query_groups * p.head_dim
+    attn = _linear(d, a + kv, b) + _linear(a, d, b)
+    fc1_out = 2 * p.ffn_size if p.gated else p.ffn_size
     mlp = _linear(d, fc1_out, b) + _linear(p.ffn_size, d, b)
-    qk = 2 * (p.num_attention_heads + p.query_groups) * (d // p.num_attention_heads) if p.qk_layernorm else 0
+    qk = 2 * (p.num_attention_heads + p.query_groups) * p.head_dim if p.qk_layernorm else 0
     return attn + mlp + 2 * _norm(p) + qk  # Chameleon's per-head q/k norms: weight and bias per head
 
 
 def cross_block_params(cfg: JamCrossConfig, p: ParentConfig) -> int:
     """One direction's block: Q, KV, output projection, non-gated MLP, two norms (~12 d^2)."""
-    d, b = p.hidden_size, p.add_bias_linear
-    attn = _linear(d, d, b) + _linear(d, 2 * d, b) + _linear(d, d, b)
+    d, b, a = p.hidden_size, p.add_bias_linear, p.attention_width
+    attn = _linear(d, a, b) + _linear(d, 2 * a, b) + _linear(a, d, b)  # MHA: keys/values as wide as queries
     mlp = _linear(d, cfg.cross_ffn_size, b) + _linear(cfg.cross_ffn_size, d, b)
     return attn + mlp + 2 * _norm(p)
 

@@ -120,14 +120,31 @@ def test_pool_reports_the_failing_rank_traceback(pool2):
     assert pool2.run(_rank_and_world)[1][0] == 1  # the pool still works
 
 
+def _start_checkpoint_writer_manager() -> int:
+    """What a checkpoint save leaves in a rank: Megatron-Core's writer `Manager` server (a child process)."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+
+    _get_write_results_queue()
+    return os.getpid()
+
+
 def test_pool_reports_a_stuck_rank_and_restarts(pool2):
+    """A stuck rank is killed with everything it started (a killed rank cannot shut its children down; a
+    leaked writer `Manager` outlived the test run before `_kill_tree`)."""
+    import psutil
+
     from megatron_jam.testing.distributed import DistributedTestError
 
+    ranks = pool2.run(_start_checkpoint_writer_manager)
+    family = [c.pid for r in ranks for c in psutil.Process(r).children(recursive=True)] + ranks
+    assert len(family) >= 4
     pool2.error_grace_s = 2.0
     with pytest.raises(DistributedTestError) as err:
         pool2.run(_rank1_fails_rank0_waits)
     msg = str(err.value)
     assert "ranks [0] did not answer" in msg and "rank 1 gave up before the barrier" in msg
+    left = [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes of the killed ranks still running: {left}"
     assert [r for r, _, _ in pool2.run(_rank_and_world)] == [0, 1]  # restarted
 
 

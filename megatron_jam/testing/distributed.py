@@ -69,6 +69,41 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results) -> None:
     dist.destroy_process_group()
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a worker and every process it started. A killed worker cannot shut down what it owns, and
+    Megatron-Core's checkpoint writer keeps one `multiprocessing.Manager` server per process (a child that
+    waits for a shutdown message forever): killing only the worker would leave that server running."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        descendants = proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in descendants + [proc]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _wait_dead(descendants + [proc])
+
+
+def _wait_dead(procs: list, timeout_s: float = 10.0) -> None:
+    """Until every process in `procs` is gone or a zombie (an orphan is reaped by init, if ever)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in procs):
+                return
+        except psutil.NoSuchProcess:
+            continue
+        time.sleep(0.05)
+
+
 class WorkerPool:
     """`world_size` gloo ranks kept alive between calls of `run`."""
 
@@ -145,5 +180,5 @@ class WorkerPool:
                 p.join(timeout=10)
         for p in self._procs:
             if p.is_alive():
-                p.kill()
+                _kill_tree(p.pid)
         self._procs = None

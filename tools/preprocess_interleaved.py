@@ -82,7 +82,7 @@ def get_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--image-grid", type=int, nargs=2, metavar=("H", "W"),
                    help="native and mixed: default latent grid of an image (flat image_tokens, VQ codes, generation); "
                         "default: the square of --tokens-per-image or the VQ's, else Emu3's 90 90")
-    g.add_argument("--native-format", choices=("emu3", "chameleon", "lumina"), default=None,
+    g.add_argument("--native-format", choices=("emu3", "chameleon", "lumina", "liquid"), default=None,
                    help="native and mixed: the image parent's format (default: from its config.json model_type, "
                         "else its tokenizer; Lumina-mGPT is told from Chameleon by its ChameleonXLLMX architecture)")
     g.add_argument("--native-specials", choices=("reserved", "appended"), default=None,

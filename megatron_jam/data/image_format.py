@@ -39,7 +39,14 @@ Formats:
   512 px 1 + 2 + 32 * 33 + 1 = 1,060 tokens. Lumina-mGPT's images come in
   several aspect ratios, so the grid is in the tokens (even sides only).
 
-In the delimited formats (emu3, chameleon, lumina) the begin-image token plays
+- ``liquid`` (Liquid-7B, github FoundationVision/Liquid: ``<boi><image><eoi>`` in
+  `evaluation/inference_i2t.py`, generation from ``...<boi>`` for 1,024 codes in
+  `evaluation/inference_t2i.py`): ``<boi>``, the 1,024 codes of Chameleon's VQGAN
+  at 512 px (32x32), ``<eoi>``; the chameleon structure with Liquid's markers.
+  Its codes follow the tokenizer's ids (code c = ``len(tokenizer) + c``,
+  `liquid/expand_vocabulary.py`): `liquid_vocab.liquid_layout`.
+
+In the delimited formats (emu3, chameleon, lumina, liquid) the begin-image token plays
 `<break>`'s role (`VocabLayout.break_id`) and text resumes right after the
 end-of-image token. All ids are looked up by token string in the parent's
 tokenizer (`native_vocab.emu3_layout`, `chameleon_vocab.chameleon_layout`).
@@ -64,6 +71,8 @@ EMU3_MARKERS = {"image_start": "<|image start|>", "size_end": "<|image token|>",
 CHAMELEON_MARKERS = {"image_start": "<racm3:break>", "image_end": "<eoss>"}
 """Role -> token string of Chameleon's begin-image / end-of-image tokens (ids 8197 / 8196 in the release)."""
 LUMINA_MARKERS = {**CHAMELEON_MARKERS, "end_of_line": "<reserved08799>"}
+LIQUID_MARKERS = {"image_start": "<boi>", "image_end": "<eoi>"}
+"""Liquid's begin-image / end-of-image tokens (added tokens of its Gemma tokenizer)."""
 """Lumina-mGPT's markers: Chameleon's plus its end-of-line token (id 8803 in the release)."""
 LUMINA_GRID_ROLE = "grid_{}"
 """Marker role of Lumina-mGPT's grid-size token for N patches of 32 pixels (2N latent rows or columns)."""
@@ -319,7 +328,7 @@ class ChameleonFormat(DelimitedFormat):
     def check_grid(self, grid: Grid, where: str) -> None:
         super().check_grid(grid, where)
         if tuple(grid) != self.default_grid:
-            raise ImageFormatError(f"{where}: grid {grid[0]}x{grid[1]}, the chameleon format holds only the "
+            raise ImageFormatError(f"{where}: grid {grid[0]}x{grid[1]}, the {self.name} format holds only the "
                                    f"layout's {self.default_grid[0]}x{self.default_grid[1]}")
 
     def _structure(self, rows: np.ndarray, grid: Grid) -> np.ndarray:
@@ -327,6 +336,13 @@ class ChameleonFormat(DelimitedFormat):
 
     def _read_grid(self, ids: np.ndarray) -> Grid:
         return self.default_grid
+
+
+class LiquidFormat(ChameleonFormat):
+    """`<boi> (h * w codes) <eoi>`: Chameleon's structure with Liquid's markers; the grid is the layout's."""
+
+    name = "liquid"
+    required_markers = tuple(LIQUID_MARKERS)
 
 
 class LuminaFormat(DelimitedFormat):
@@ -383,7 +399,7 @@ def _fail(msg: str) -> None:
 
 
 FORMATS: Dict[str, Type[ImageFormat]] = {"ours": OursFormat, "emu3": Emu3Format, "chameleon": ChameleonFormat,
-                                         "lumina": LuminaFormat}
+                                         "lumina": LuminaFormat, "liquid": LiquidFormat}
 
 def image_format(layout) -> ImageFormat:
     """The format instance of `layout` (cached on the layout object)."""

@@ -139,7 +139,7 @@ def ranges_of(ids: Iterable[int]) -> Tuple[Tuple[int, int], ...]:
 
 
 # ----------------------------------------------------------------------------- which parent
-NATIVE_FORMATS = ("emu3", "chameleon", "lumina")
+NATIVE_FORMATS = ("emu3", "chameleon", "lumina", "liquid")
 """Image parents with a native layout constructor (`native_layout`), by their image format."""
 
 
@@ -156,6 +156,10 @@ def native_layout(model_path: str, image_format: Optional[str] = None, **kwargs)
         from megatron_jam.data.chameleon_vocab import chameleon_layout
 
         return chameleon_layout(model_path, image_format=fmt, **kwargs)
+    if fmt == "liquid":
+        from megatron_jam.data.liquid_vocab import liquid_layout
+
+        return liquid_layout(model_path, **{k: v for k, v in kwargs.items() if k != "max_grid"})
     raise VocabLayoutError(f"native image format {fmt!r}: expected one of {', '.join(NATIVE_FORMATS)}")
 
 
@@ -182,11 +186,11 @@ def detect_native_format(model_path: str) -> str:
     from megatron_jam.data.text_tokenizer import HuggingFaceTextTokenizer
 
     text = HuggingFaceTextTokenizer(model_path)
-    for token, fmt in (("<|image start|>", "emu3"), ("<racm3:break>", "chameleon")):
+    for token, fmt in (("<|image start|>", "emu3"), ("<racm3:break>", "chameleon"), ("<boi>", "liquid")):
         if text.tok.token_to_id(token) is not None:
             return fmt
-    raise VocabLayoutError(f"{text.file}: neither Emu3's <|image start|> nor Chameleon's <racm3:break>: not a "
-                           f"known image parent (native formats: {', '.join(NATIVE_FORMATS)})")
+    raise VocabLayoutError(f"{text.file}: neither Emu3's <|image start|>, Chameleon's <racm3:break> nor Liquid's "
+                           f"<boi>: not a known image parent (native formats: {', '.join(NATIVE_FORMATS)})")
 
 
 # ----------------------------------------------------------------------------- Emu3

@@ -137,3 +137,32 @@ def test_gemma_llm_and_liquid_image_parent_fuse_with_a_mixed_layout(single_rank,
         h_img = model.forward_streams(image, pos)[1].transpose(0, 1)
         torch.testing.assert_close(h_llm, gemma.model(text).last_hidden_state, rtol=0, atol=1e-4)
         torch.testing.assert_close(h_img, liquid.model(in_parent).last_hidden_state, rtol=0, atol=1e-4)
+
+
+def test_preprocess_writes_liquid_images_that_parse_back(folders, tmp_path):
+    """tools/preprocess_interleaved.py with the native liquid layout (told from the tokenizer's `<boi>`):
+    given codes come back from the shards through the format, text around them."""
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_jam.data.vocab import load_layout
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import preprocess_interleaved
+
+    rng = np.random.default_rng(2)
+    given = [rng.integers(0, CODEBOOK, GRID[0] * GRID[1]).tolist() for _ in range(2)]
+    docs = [{"content": [{"text": "a red square"}, {"image_tokens": given[0]}, {"text": "and then"},
+                         {"image_tokens": given[1]}]}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    prefix = str(tmp_path / "out" / "liquid")
+    assert preprocess_interleaved.main(["--input", str(tmp_path / "docs.jsonl"), "--output-prefix", prefix,
+                                        "--tokenizer-model", str(folders[2]), "--vocab-layout-kind", "native",
+                                        "--image-grid", *map(str, GRID), "--num-sentinels", "4",
+                                        "--no-progress-bar"]) == 0
+    layout = load_layout(prefix)
+    assert layout.image_format == "liquid" and layout.image_code_offset == folders[4]
+    ds = IndexedDataset(prefix, multimodal=True)
+    got = [layout.format.parse(ds[i][0])[0].tolist() for i in range(len(ds)) if ds.index.sequence_modes[i] == 1]
+    assert got == given

@@ -49,6 +49,20 @@ def make_opt(path, seed=0, vocab=V, **kw):
     return model
 
 
+def make_gemma(path, seed=0, vocab=V, **kw):
+    """A tiny `GemmaForCausalLM` with heads of their own width (4 x 16 over d 32, as Gemma-7B's 16 x 256 over
+    3072), GQA 4/2 and tied embeddings."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GemmaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      rms_norm_eps=1e-6, **kw)
+    model = perturb(GemmaForCausalLM(cfg))
+    model.save_pretrained(path)
+    return model
+
+
 MAKERS = {"llama": make_llama, "opt": make_opt}
 
 

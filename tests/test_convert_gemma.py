@@ -13,20 +13,8 @@ import types
 import pytest
 import torch
 
-from parent_helpers import S, V, convert, folder_tensors, hf_logits, load_logits, perturb, state_of, token_ids, \
+from parent_helpers import S, V, convert, folder_tensors, hf_logits, load_logits, make_gemma, state_of, token_ids, \
     tp2_logits
-
-
-def make_gemma(path, seed=0, vocab=V, **kw):
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = GemmaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                      rms_norm_eps=1e-6, **kw)
-    model = perturb(GemmaForCausalLM(cfg))
-    model.save_pretrained(path)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from parent_helpers import S, convert, perturb, token_ids
+from parent_helpers import S, convert, make_gemma, token_ids
 from text_helpers import sentence
 
 CODEBOOK = 8192
@@ -42,17 +42,6 @@ def _tokenizer(folder, added=()):
     return tok.get_vocab_size(with_added_tokens=True)
 
 
-def _gemma(folder, vocab_size, seed):
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = GemmaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-    model = perturb(GemmaForCausalLM(cfg))
-    model.save_pretrained(folder)
-    return model
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """(gemma folder, gemma model, liquid folder, liquid model, len(liquid tokenizer))."""
@@ -62,9 +51,9 @@ def folders(tmp_path_factory):
     ensure_single_rank()
     root = tmp_path_factory.mktemp("liquid")
     base = _tokenizer(str(root / "gemma"))
-    gemma = _gemma(root / "gemma", base, seed=1)
+    gemma = make_gemma(root / "gemma", seed=1, vocab=base)
     offset = _tokenizer(str(root / "liquid"), LIQUID_ADDED)
-    liquid = _gemma(root / "liquid", offset + CODEBOOK, seed=2)
+    liquid = make_gemma(root / "liquid", seed=2, vocab=offset + CODEBOOK)
     return root / "gemma", gemma, root / "liquid", liquid, offset
 
 

@@ -141,3 +141,25 @@ def test_decoding_a_gemma_equals_its_full_forward(single_rank, gemma):
             InterleavedGenerator(model, cfg, layout), InterleavedGenerator(model, cfg, layout, decode_step="static")]
     ids = [[o.ids for o in g.generate(prompts, SamplingParams.greedy(3.0), 12)] for g in runs]
     assert ids[0] == ids[1] == ids[2] and len(set(ids[0][0] + ids[0][1])) >= 3
+
+
+def test_bf16_logits_stay_within_one_bf16_step_of_transformers(single_rank, gemma):
+    """A bf16 model (zero-centred norms computed in fp32, the embedding scale in bf16) stays within one bf16 step
+    of transformers' Gemma in bf16 (the scale's rounding rule itself: the test below)."""
+    from megatron_jam.convert.checkpoint import build_single, load_checkpoint
+    from megatron_jam.models.kinds import load_model_config
+    from megatron_jam.parallel.initialize import initialize_model_parallel
+
+    _, model, ckpt = gemma
+    initialize_model_parallel(1, 1, seed=1)
+    cfg = load_model_config(str(ckpt))
+    ours = build_single(cfg, bf16=True)
+    load_checkpoint([ours], str(ckpt))
+    ids = token_ids(seed=4)
+    ref = type(model)(model.config).to(torch.bfloat16)
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        got = ours.eval()(ids, torch.arange(S).expand_as(ids))[..., :cfg.vocab_size].float()
+        want = ref.eval()(ids).logits.float()
+    assert next(ours.parameters()).dtype == torch.bfloat16
+    assert (got - want).abs().max() <= 2 ** -8 * max(1.0, float(want.abs().max()))

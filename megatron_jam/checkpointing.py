@@ -168,7 +168,7 @@ def _gather_updated_parameters(chunks: list) -> None:
     up to date, and a checkpoint would store the others' shards one step old (the optimizer state, which a resume
     restores, is right; the weights that `--finetune`, conversion and inference read are not). Gather them now,
     synchronously, as Megatron-LM does before it saves (`disable_forward_pre_hook(param_sync=True)`); the next
-    forward gathers the same values again."""
+    forward finds them gathered (`param_gather_dispatched`) until the next backward resets it."""
     for chunk in chunks:
         ddp_config = getattr(chunk, "ddp_config", None)
         if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:

@@ -122,6 +122,10 @@ def test_embedding_scale_is_rounded_to_the_weights_dtype():
     assert embedding_scale(p, types.SimpleNamespace(params_dtype=torch.bfloat16)) == 55.5
     assert embedding_scale(p, types.SimpleNamespace(params_dtype=torch.float32)) == pytest.approx(55.4256, abs=1e-4)
     assert embedding_scale(ParentConfig(), types.SimpleNamespace(params_dtype=torch.float32)) is None
+    from megatron_jam.models.config import ConfigError
+
+    with pytest.raises(ConfigError, match="embedding_multiplier"):  # learned positions: the two kinds would differ
+        ParentConfig(family="opt", embedding_multiplier=2.0)
 
 
 def test_decoding_a_gemma_equals_its_full_forward(single_rank, gemma):

@@ -71,9 +71,9 @@ EMU3_MARKERS = {"image_start": "<|image start|>", "size_end": "<|image token|>",
 CHAMELEON_MARKERS = {"image_start": "<racm3:break>", "image_end": "<eoss>"}
 """Role -> token string of Chameleon's begin-image / end-of-image tokens (ids 8197 / 8196 in the release)."""
 LUMINA_MARKERS = {**CHAMELEON_MARKERS, "end_of_line": "<reserved08799>"}
+"""Lumina-mGPT's markers: Chameleon's plus its end-of-line token (id 8803 in the release)."""
 LIQUID_MARKERS = {"image_start": "<boi>", "image_end": "<eoi>"}
 """Liquid's begin-image / end-of-image tokens (added tokens of its Gemma tokenizer)."""
-"""Lumina-mGPT's markers: Chameleon's plus its end-of-line token (id 8803 in the release)."""
 LUMINA_GRID_ROLE = "grid_{}"
 """Marker role of Lumina-mGPT's grid-size token for N patches of 32 pixels (2N latent rows or columns)."""
 LUMINA_GRID_TOKEN = "<reserved{:05d}>"

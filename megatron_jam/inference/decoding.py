@@ -97,7 +97,7 @@ class InterleavedGenerator:
         if decode_step != "eager":
             if not use_cache:
                 raise ValueError(f"--decode-step {decode_step} runs over the KV cache (drop --no-kv-cache)")
-            check_decode_step(decode_step, self.stepper.device)
+            check_decode_step(decode_step, self.stepper)
         self.decode_step = decode_step
         """How the steps after the prompt run: static_decode.py (eager, static, cuda-graph)."""
         self._static: StaticDecoder | None = None

@@ -38,10 +38,11 @@ from megatron_jam.inference.kv_cache import KVCache, SlotTable
 DECODE_STEPS = ("eager", "static", "cuda-graph")
 
 
-def check_decode_step(mode: str, device: torch.device) -> None:
-    """One-line errors for a mode this process cannot run, before any work."""
+def check_decode_step(mode: str, stepper) -> None:
+    """One-line errors for a mode this process (and `stepper`'s model) cannot run, before any work."""
     from megatron.core import parallel_state
 
+    device = stepper.device
     if mode not in DECODE_STEPS:
         raise ValueError(f"--decode-step {mode!r}: expected one of {', '.join(DECODE_STEPS)}")
     if mode != "cuda-graph":
@@ -51,13 +52,16 @@ def check_decode_step(mode: str, device: torch.device) -> None:
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
         raise ValueError("--decode-step cuda-graph runs at tensor-model-parallel-size 1 only (the graph would hold "
                          "the tensor-parallel collectives; not checked yet); use --decode-step eager")
+    if not stepper.additive_mask:  # Megatron's unfused attention reads its scores from a global buffer that a
+        # later allocation may move; Transformer Engine's attention has not been captured here
+        raise ValueError("--decode-step cuda-graph runs with PyTorch SDPA attention (--attention-backend auto, "
+                         "flash or fused; --transformer-impl local); use --decode-step eager or static")
 
 
 class StaticDecoder:
     """One `generate` call's decode steps over fixed-shape buffers (`mode`: static or cuda-graph)."""
 
     def __init__(self, stepper, slots: SlotTable, cache: KVCache, mode: str):
-        check_decode_step(mode, stepper.device)
         dev, b, cap = stepper.device, slots.batch, slots.capacity
         self.stepper, self.cache, self.mode = stepper, cache, mode
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=dev)

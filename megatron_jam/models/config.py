@@ -103,6 +103,9 @@ class ParentConfig:
     def __post_init__(self):
         if (self.qk_layernorm or self.swin_norm) and self.family != "llama":
             raise ConfigError("qk_layernorm / swin_norm (the Chameleon body) need family='llama'")
+        if self.embedding_multiplier != 1.0 and self.family != "llama":
+            raise ConfigError("embedding_multiplier (Gemma's sqrt(d)) needs family='llama' (with learned positions "
+                              "the word and position embeddings would be scaled differently by the two model kinds)")
         if self.norm_zero_centered and (self.family != "llama" or not self.learnable_norm):
             raise ConfigError("norm_zero_centered (Gemma's RMSNorm) needs family='llama' and learnable_norm=True")
         if self.family not in FAMILIES:

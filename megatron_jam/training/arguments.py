@@ -37,8 +37,8 @@ DEFAULT_WARMUP_ITERS = 2
 ARGS_FILE = "args.json"
 
 # Megatron-LM's model-shape flags, applied to the `parent` of a single-stack model config.
-SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-               "max_position_embeddings")
+SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+               "ffn_hidden_size", "max_position_embeddings")
 
 
 def build_parser() -> argparse.ArgumentParser:

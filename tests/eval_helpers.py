@@ -11,10 +11,24 @@ import math
 import numpy as np
 import torch
 
-from parent_helpers import hf_logits
+from parent_helpers import convert, hf_logits, make_llama
 from tool_loader import load_tool
 
 SEQ = 8
+
+
+def llama_eval_world(tmp_path_factory, name, seed, docs):
+    """A tiny Llama (`root/hf`), its import at seq `SEQ` (`root/ckpt`) and `docs` written to `root/mm`:
+    (root, transformers model)."""
+    import megatron_jam  # noqa: F401
+    from megatron_jam.convert.checkpoint import ensure_single_rank
+
+    ensure_single_rank()
+    root = tmp_path_factory.mktemp(name)
+    model = make_llama(root / "hf", seed=seed)
+    convert("import", root / "ckpt", root / "hf", seq_length=SEQ)
+    write_documents(str(root / "mm"), docs)
+    return root, model
 
 
 def write_documents(prefix, docs, multimodal=True):

@@ -12,9 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from eval_helpers import eval_docs, expected_perplexity, write_documents
+from eval_helpers import eval_docs, expected_perplexity, llama_eval_world, write_documents
 from jam_data_helpers import image_text_corpus, text_only_corpus, write_dataset
-from parent_helpers import convert, make_llama
 from tool_loader import load_tool
 
 SEQ, STRIDE = 8, 3
@@ -75,15 +74,8 @@ def test_stride_out_of_range_is_one_line():
 
 @pytest.fixture(scope="module")
 def hf_world(tmp_path_factory):
-    import megatron_jam  # noqa: F401
-    from megatron_jam.convert.checkpoint import ensure_single_rank
-
-    ensure_single_rank()
-    root = tmp_path_factory.mktemp("evalwin")
-    model = make_llama(root / "hf", seed=3)
-    convert("import", root / "ckpt", root / "hf", seq_length=SEQ)
     docs = eval_docs(seed=1) + [[(0, list(range(1, 40)))]]  # one document of 4 windows and more
-    write_documents(str(root / "mm"), docs)
+    root, model = llama_eval_world(tmp_path_factory, "evalwin", 3, docs)
     return root, model, docs
 
 

@@ -6,22 +6,14 @@ import json
 
 import pytest
 
-from eval_helpers import SEQ, eval_docs, expected_perplexity, run_evaluate, write_documents
-from parent_helpers import convert, make_llama
+from eval_helpers import eval_docs, expected_perplexity, llama_eval_world, run_evaluate, write_documents
 from tool_loader import load_tool
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import megatron_jam  # noqa: F401
-    from megatron_jam.convert.checkpoint import ensure_single_rank
-
-    ensure_single_rank()
-    root = tmp_path_factory.mktemp("eval")
-    model = make_llama(root / "hf", seed=7)
-    convert("import", root / "ckpt", root / "hf", seq_length=SEQ)
     docs = eval_docs()
-    write_documents(str(root / "mm"), docs)
+    root, model = llama_eval_world(tmp_path_factory, "eval", 7, docs)
     write_documents(str(root / "plain"), docs, multimodal=False)
     return root, model, docs
 

@@ -30,6 +30,7 @@ from megatron.core import tensor_parallel
 from torch import Tensor
 
 from megatron_jam.inference.kv_cache import KVCache, SlotTable
+from megatron_jam.models.attention import additive_mask, takes_additive_mask
 
 
 def self_attention_layer(layer, h: Tensor, cache: KVCache, name: str, start: int | Tensor, mask: Tensor,
@@ -65,11 +66,10 @@ class _Stepper:
     """Common part: mask, logits of the last new slot, vocabulary gather."""
 
     def __init__(self, model, max_positions: int):
-        from megatron_jam.models.attention import takes_additive_mask
-
         self.model = model
         self.max_positions = max_positions
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.additive_mask = takes_additive_mask(model)
         """SDPA core attention: the boolean mask becomes an additive one once per step, not once per layer."""
         self._rope_tables: dict[int, Tensor] = {}
@@ -94,11 +94,7 @@ class _Stepper:
 
     def attention_mask(self, masked: Tensor) -> Tensor:
         """Megatron's boolean mask (True = masked), or its additive form for SDPA."""
-        if not self.additive_mask:
-            return masked
-        from megatron_jam.models.attention import additive_mask
-
-        return additive_mask(masked, next(self.model.parameters()).dtype)
+        return additive_mask(masked, self.dtype) if self.additive_mask else masked
 
     def _rope(self, rotary, positions: Tensor) -> Tensor | None:
         """RoPE angles at per-row positions `[b, n]` -> `[n, b, 1, dim]` (the full forward's table, built once)."""
